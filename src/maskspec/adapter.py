@@ -1,0 +1,180 @@
+"""Adapter folders: adapter_config.json + adapter.safetensors. Never pickle.
+
+Loading checks, in order, and fails with one line saying what is wrong and what to do: the folder and both files
+exist, the config is valid JSON of a supported format version, the weights file is a readable safetensors
+file, the base model matches (a fingerprint of its weights and the tensor shapes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from maskspec import __version__
+from maskspec.errors import AdapterError
+from maskspec.hub import is_default_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from maskspec.model.mtp import MTPConfig, MTPModel
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+DEFAULT_ADAPTER = "default"
+SHIPPED_ADAPTER_DIR = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
+
+
+@dataclass
+class AdapterConfig:
+    format_version: int
+    k: int
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: list[str]
+    sampler_shape: list[int]
+    hidden_size: int
+    base_model: str
+    base_fingerprint: str
+    dtype: str
+    maskspec_version: str
+    training: dict[str, Any] | None = None
+
+    def mtp_config(self) -> "MTPConfig":
+        from maskspec.model.mtp import MTPConfig
+
+        return MTPConfig(k=self.k, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                         target_modules=list(self.target_modules))
+
+
+def base_fingerprint(model: "PreTrainedModel") -> str:
+    """A short hash of the base model's architecture and of samples of its weights. Rounded to bfloat16 so
+    the same weights loaded in fp32 or bf16 give the same fingerprint."""
+    cfg = model.config.get_text_config()
+    h = hashlib.sha256()
+    h.update(json.dumps([type(model).__name__, cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers]).encode())
+    # Names as in the plain model, whether or not gated LoRA layers have been injected.
+    params = {n.replace(".base.", "."): p for n, p in model.named_parameters() if "lora_" not in n}
+    for name in sorted(params):
+        h.update(f"{name}:{list(params[name].shape)}".encode())
+    for name in sorted(params)[:4]:
+        sample = params[name].detach().reshape(-1)[:2048].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def resolve_adapter(adapter: str | Path | None, model: str | None) -> Path | None:
+    """None -> no adapter; "default" -> the adapter shipped for the embedded model; else a folder."""
+    if adapter is None:
+        return None
+    if str(adapter) == DEFAULT_ADAPTER:
+        if not is_default_model(model):
+            raise AdapterError(f"no default adapter ships for model {model!r}; train one with `maskspec train` "
+                               "and pass --adapter FOLDER")
+        if not (SHIPPED_ADAPTER_DIR / WEIGHTS_FILE).is_file():
+            raise AdapterError("this installation ships no default adapter; pass --adapter FOLDER")
+        return SHIPPED_ADAPTER_DIR
+    return Path(adapter)
+
+
+def shipped_adapter_available() -> bool:
+    return (SHIPPED_ADAPTER_DIR / WEIGHTS_FILE).is_file() and (SHIPPED_ADAPTER_DIR / CONFIG_FILE).is_file()
+
+
+def save_adapter(mtp: "MTPModel", folder: str | Path, training: dict[str, Any] | None = None) -> Path:
+    """Write the adapter atomically: a temporary sibling folder is filled, then renamed over `folder`."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().contiguous().cpu() for name, t in mtp.adapter_state_dict().items()}
+    hidden = mtp.mask_embeddings.shape[1]
+    config = AdapterConfig(
+        format_version=FORMAT_VERSION, k=mtp.config.k, rank=mtp.config.rank, alpha=mtp.config.alpha,
+        dropout=mtp.config.dropout, target_modules=list(mtp.config.target_modules),
+        sampler_shape=[2 * hidden, hidden, hidden], hidden_size=hidden, base_model=mtp.model_name,
+        base_fingerprint=base_fingerprint(mtp.model), dtype=str(mtp.mask_embeddings.dtype).replace("torch.", ""),
+        maskspec_version=__version__, training=training,
+    )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "maskspec_format": str(FORMAT_VERSION)})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.__dict__, indent=2) + "\n")
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def read_adapter_config(folder: str | Path) -> AdapterConfig:
+    folder = Path(folder)
+    if not folder.exists():
+        raise AdapterError(f"adapter folder {folder} does not exist; pass the folder written by `maskspec train`")
+    if not folder.is_dir():
+        raise AdapterError(f"adapter path {folder} is a file; pass the folder that holds {CONFIG_FILE}")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise AdapterError(f"adapter folder {folder} has no {name}; it is not a complete maskspec adapter")
+    try:
+        raw = json.loads((folder / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{folder / CONFIG_FILE} is not valid JSON ({exc}); re-save or re-train the adapter") \
+            from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{folder / CONFIG_FILE} must hold a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise AdapterError(f"adapter format version {version!r} is not supported (this maskspec reads version "
+                           f"{FORMAT_VERSION}); upgrade maskspec or re-train the adapter")
+    try:
+        return AdapterConfig(**{k: raw[k] for k in AdapterConfig.__dataclass_fields__ if k in raw})
+    except TypeError as exc:
+        raise AdapterError(f"{folder / CONFIG_FILE} is missing fields ({exc})") from None
+
+
+def load_adapter(mtp: "MTPModel", folder: str | Path, check_fingerprint: bool = True) -> AdapterConfig:
+    """Load weights from `folder` into `mtp` (whose shape must match the adapter's config)."""
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    if check_fingerprint:
+        fingerprint = base_fingerprint(mtp.model)
+        if config.base_fingerprint != fingerprint:
+            raise AdapterError(f"adapter {folder} was made for base model {config.base_model!r} (fingerprint "
+                               f"{config.base_fingerprint}), not for the loaded {mtp.model_name!r} ({fingerprint}); "
+                               "load the matching base model or train an adapter for this one")
+    try:
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{folder / WEIGHTS_FILE} is corrupt or truncated ({exc}); re-save or re-train the "
+                           "adapter") from None
+    expected = mtp.adapter_state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(f"adapter {folder} does not fit this model: {len(missing)} tensors missing "
+                           f"(e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]}); "
+                           "it was made for another base model or target modules")
+    for name, target in expected.items():
+        if tensors[name].shape != target.shape:
+            raise AdapterError(f"adapter {folder}: tensor {name} has shape {list(tensors[name].shape)}, the model "
+                               f"needs {list(target.shape)}; it was made for another base model or k/rank")
+    with torch.no_grad():
+        for name, target in expected.items():
+            target.copy_(tensors[name].to(target.dtype))
+    return config

@@ -1,0 +1,3 @@
+from maskspec.decode.types import GenerationOutput, GenerationStats
+
+__all__ = ["GenerationOutput", "GenerationStats"]

@@ -1,0 +1,83 @@
+"""Gated LoRA: y = W x + g(t) * B(A(x)) * scale, with g(t) = 1 on mask rows and 0 on normal rows.
+
+The gate is not a learned quantity and not a global: the wrapper owns one `GateState`, sets the rows of the
+current forward pass inside a `with gate_state.active(rows):` block and the state is cleared when the block
+ends. Outside such a block the layers are exactly the base linear layers, so the wrapped model can still be
+used (and compared) as the plain base model. The LoRA branch is computed for the mask rows only.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class GateState:
+    """Flat (batch * sequence) indices of the rows where LoRA is on, for the duration of one call."""
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None
+
+    @contextmanager
+    def active(self, rows: torch.Tensor | None) -> Iterator[None]:
+        previous = self.rows
+        self.rows = rows
+        try:
+            yield
+        finally:
+            self.rows = previous
+
+
+class GatedLoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a low-rank update applied only to the rows the gate names."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, gate: GateState) -> None:
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.scale = alpha / rank
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=base.weight.dtype,
+                                device=base.weight.device)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype,
+                                device=base.weight.device)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        # A plain attribute, not a submodule: the gate is shared by every layer and holds no parameters.
+        object.__setattr__(self, "_gate", gate)
+
+    @property
+    def weight(self) -> torch.Tensor:  # some modeling code reads `proj.weight.dtype`
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        rows = self._gate.rows
+        if rows is None or rows.numel() == 0:
+            return out
+        flat_in = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        delta = self.lora_B(self.lora_A(self.dropout(flat_in))) * self.scale
+        flat_out = out.reshape(-1, out.shape[-1]).index_add(0, rows, delta.to(out.dtype))
+        return flat_out.view_as(out)
+
+
+def inject_gated_lora(model: nn.Module, target_modules: Sequence[str], rank: int, alpha: float, dropout: float,
+                      gate: GateState, exclude: Sequence[nn.Module] = ()) -> list[str]:
+    """Replace every `nn.Linear` whose attribute name is in `target_modules` by a GatedLoRALinear.
+    Returns the qualified names replaced (sorted); raises if nothing matched."""
+    excluded = {id(m) for m in exclude}
+    replaced = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name in target_modules and isinstance(child, nn.Linear) and id(child) not in excluded:
+                setattr(parent, child_name, GatedLoRALinear(child, rank, alpha, dropout, gate))
+                replaced.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    if not replaced:
+        raise ValueError(f"no linear layer named any of {list(target_modules)} in {type(model).__name__}")
+    return sorted(replaced)

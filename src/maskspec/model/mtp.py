@@ -1,0 +1,257 @@
+"""MTPModel: a frozen Hugging Face causal LM plus k mask embeddings, a gated LoRA and a sampler head.
+
+The base model is driven only through its public interface: `inputs_embeds`, explicit `position_ids`, a 4-D
+attention mask (or the per-layer-type dict that hybrid models such as Gemma3 take) and its cache object. No
+modeling code is copied. Logits are computed only for the rows that need them (`head_logits`), so a step with
+(k+1)^2 rows never pays for (k+1)^2 vocabulary projections.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from maskspec.model.gated_lora import DEFAULT_TARGET_MODULES, GatedLoRALinear, GateState, inject_gated_lora
+from maskspec.model.layout import Layout, apply_sliding_window
+from maskspec.model.sampler import SamplerHead
+
+if TYPE_CHECKING:
+    from maskspec.decode.types import GenerationOutput
+
+
+@dataclass
+class MTPConfig:
+    """Shape of the additions. Saved in adapter_config.json."""
+
+    k: int = 8
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        self.target_modules = list(self.target_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StepOutput:
+    """Result of one forward pass over a layout."""
+
+    hidden: torch.Tensor  # (batch, rows, d): last-layer latents after the final norm
+    past_key_values: DynamicCache | None
+
+
+class MTPModel(nn.Module):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None,
+                 config: MTPConfig | None = None, model_name: str | None = None) -> None:
+        super().__init__()
+        self.config = config or MTPConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name or getattr(model.config, "name_or_path", "") or type(model).__name__
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.gate = GateState()
+        embed = model.get_input_embeddings()
+        weight = embed.weight
+        hidden = weight.shape[1]
+        self.lora_layers = inject_gated_lora(
+            model, self.config.target_modules, self.config.rank, self.config.alpha, self.config.dropout, self.gate,
+            exclude=[model.get_output_embeddings()],
+        )
+        # [choice] masks start as normal noise with the spread of the embedding layer's output rows.
+        with torch.no_grad():
+            sample_ids = torch.arange(min(4096, weight.shape[0]), device=weight.device)
+            std = embed(sample_ids).float().std().item()
+        self.mask_embeddings = nn.Parameter(torch.randn(self.config.k, hidden, dtype=weight.dtype,
+                                                        device=weight.device) * std)
+        self.sampler = SamplerHead(hidden, dtype=weight.dtype, device=weight.device)
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, adapter: str | Path | None = None, *,
+                        config: MTPConfig | None = None, dtype: str | torch.dtype | None = None,
+                        device: str | torch.device = "cpu", attn_implementation: str = "sdpa") -> "MTPModel":
+        """Load a base model (HF id, folder or `default`) and attach an adapter folder or a fresh adapter.
+        `adapter="default"` takes the adapter shipped for the embedded model."""
+        from maskspec.adapter import load_adapter, read_adapter_config, resolve_adapter
+        from maskspec.hub import load_model_and_tokenizer
+
+        adapter_path = resolve_adapter(adapter, model)
+        if adapter_path is not None:
+            config = read_adapter_config(adapter_path).mtp_config()
+        base, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device,
+                                                   attn_implementation=attn_implementation)
+        mtp = cls(base, tokenizer, config, model_name=base.config.name_or_path)
+        if adapter_path is not None:
+            load_adapter(mtp, adapter_path)
+        mtp.eval()
+        return mtp
+
+    def save_adapter(self, folder: str | Path) -> Path:
+        from maskspec.adapter import save_adapter
+
+        return save_adapter(self, folder)
+
+    def load_adapter(self, folder: str | Path) -> None:
+        from maskspec.adapter import load_adapter
+
+        load_adapter(self, folder)
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def k(self) -> int:
+        return self.config.k
+
+    @property
+    def device(self) -> torch.device:
+        return self.mask_embeddings.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor, named stably: masks, LoRA A/B per layer, sampler."""
+        state = {"mask_embeddings": self.mask_embeddings}
+        for name, module in self.model.named_modules():
+            if isinstance(module, GatedLoRALinear):
+                state[f"lora.{name}.A"] = module.lora_A.weight
+                state[f"lora.{name}.B"] = module.lora_B.weight
+        for name, p in self.sampler.named_parameters():
+            state[f"sampler.{name}"] = p
+        return state
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.adapter_state_dict().values())
+
+    def base_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        adapter_ids = {id(p) for p in self.trainable_parameters()}
+        return [(n, p) for n, p in self.model.named_parameters() if id(p) not in adapter_ids]
+
+    # ------------------------------------------------------------------ forward pieces
+    def embed_rows(self, token_ids: torch.Tensor, mask_slot: torch.Tensor) -> torch.Tensor:
+        """Input embeddings for rows that are either tokens (mask_slot < 0) or mask j (mask_slot = j-1)."""
+        is_mask = mask_slot >= 0
+        tokens = self.model.get_input_embeddings()(torch.where(is_mask, torch.zeros_like(token_ids), token_ids))
+        masks = self.mask_embeddings[mask_slot.clamp(min=0)].to(tokens.dtype)
+        return torch.where(is_mask[..., None], masks, tokens)
+
+    def forward_rows(self, token_ids: torch.Tensor, mask_slot: torch.Tensor, position_ids: torch.Tensor,
+                     attention: torch.Tensor, key_positions: torch.Tensor,
+                     past_key_values: DynamicCache | None = None, use_cache: bool = False,
+                     keep_gate_for_backward: bool = False) -> StepOutput:
+        """One pass over rows given as batched tensors: token_ids, mask_slot, position_ids (B, R); attention
+        (B, R, past + R) bool; key_positions (B, past + R). Returns last-layer latents (after the final norm).
+
+        With `keep_gate_for_backward` the caller owns the gate (`with mtp.gate.active(rows)` around forward and
+        backward), which gradient checkpointing needs because it re-runs the forward during backward."""
+        embeds = self.embed_rows(token_ids, mask_slot)
+        mask_rows = torch.nonzero((mask_slot >= 0).reshape(-1), as_tuple=False).squeeze(-1)
+        masks = self.model_attention_mask(attention, position_ids, key_positions, embeds.dtype)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()  # no config: full layers everywhere, windows come from our mask
+        gate_ctx = nullcontext() if keep_gate_for_backward else self.gate.active(mask_rows)
+        with gate_ctx:
+            out = self.model.get_decoder()(
+                inputs_embeds=embeds, position_ids=position_ids, attention_mask=masks,
+                cache=past_key_values, use_cache=use_cache,
+            )
+        return StepOutput(out.last_hidden_state, past_key_values if use_cache else None)
+
+    def forward_layout(self, normal_ids: torch.Tensor, layout: Layout, past_key_values: DynamicCache | None = None,
+                       use_cache: bool = False) -> StepOutput:
+        """One pass over a single layout shared by the batch: normal_ids (B, num_normal)."""
+        batch = normal_ids.shape[0]
+        token_ids = normal_ids[:, layout.normal_index.clamp(min=0)]
+        expand = lambda t: t.unsqueeze(0).expand(batch, *t.shape)  # noqa: E731
+        return self.forward_rows(token_ids, expand(layout.mask_slot), expand(layout.position_ids),
+                                 expand(layout.attention), expand(layout.key_positions), past_key_values, use_cache)
+
+    def model_attention_mask(self, attention: torch.Tensor, query_positions: torch.Tensor,
+                             key_positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | dict:
+        """The boolean rule, in the form this model's attention implementation takes: a (B, 1, Q, K) mask, or a
+        per-layer-type dict where the model mixes full and sliding-window layers."""
+        cfg = self.model.config.get_text_config()
+        window = getattr(cfg, "sliding_window", None)
+        layer_types = getattr(cfg, "layer_types", None)
+        if layer_types is not None:
+            masks = {"full_attention": attention}
+            if "sliding_attention" in layer_types:
+                masks["sliding_attention"] = apply_sliding_window(attention, query_positions, key_positions, window)
+            for name in set(layer_types) - set(masks):
+                raise NotImplementedError(f"attention type {name!r} is not supported yet")
+            return {name: self._format_mask(m, dtype) for name, m in masks.items()}
+        if window is not None:  # every layer slides (e.g. Mistral)
+            attention = apply_sliding_window(attention, query_positions, key_positions, window)
+        return self._format_mask(attention, dtype)
+
+    def _format_mask(self, attention: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        mask = attention[:, None]
+        if self.model.config._attn_implementation == "sdpa":
+            return mask
+        # eager (and others) add the mask to the scores: a boolean would be added as 0/1, so use 0 / -inf.
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's own output head (with Gemma-style final soft-capping where configured)."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def sampler_logits(self, prev_ids: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        prev = self.model.get_input_embeddings()(prev_ids).to(latents.dtype)
+        return self.head_logits(self.sampler(prev, latents))
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt: Any = None, **kwargs: Any) -> "GenerationOutput":
+        """Generate from token ids, a string or a chat (list of messages). See `maskspec.decode.generate`."""
+        from maskspec.decode.api import generate
+
+        return generate(self, prompt, **kwargs)
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, getattr(model.config, "eos_token_id", None),
+                  getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None):
+        if value is None:
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if int(v) not in ids:
+                ids.append(int(v))
+    return ids
+
+
+def fresh_mtp(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None,
+              **config: Any) -> MTPModel:
+    """Convenience: wrap `model` with an untrained adapter of the given shape (k, rank, alpha, ...)."""
+    return MTPModel(model, tokenizer, MTPConfig(**config))
+
+
+def randomize_adapter_(mtp: MTPModel, seed: int = 0, scale: float = 0.05,
+                       parts: Sequence[str] = ("lora", "sampler")) -> MTPModel:
+    """Fill LoRA and sampler weights with random non-zero values (tests, ablations of an untrained adapter)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in mtp.adapter_state_dict().items():
+            if name.split(".")[0] in parts:
+                p.copy_((torch.randn(p.shape, generator=gen) * scale).to(p.dtype))
+    return mtp
