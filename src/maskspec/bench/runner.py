@@ -1,0 +1,261 @@
+"""Running the benchmark: every method on the same chat-templated input, interleaved per prompt.
+
+Methods:
+- `hf`: Hugging Face `generate`, greedy (or sampling with --temperature): the baseline every speed-up refers to;
+- `hf-prompt-lookup`: Hugging Face prompt-lookup decoding (`prompt_lookup_num_tokens`);
+- `ar`: maskspec's own reference loop (same code path as the drafting modes, no drafts);
+- `maskspec`: self-speculative decoding in mode `quadratic` or `linear` with k drafts.
+
+Each generation is timed by the wall clock around the call (after `torch.cuda.synchronize` on a GPU). Forward
+passes of the HF methods are counted with a forward hook on the base model (the prefill counts as one); the
+maskspec methods report their own count. The gated LoRA is off outside maskspec's own forward, so
+`mtp.model.generate` is the plain base model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from maskspec.bench.suites import BenchPrompt
+from maskspec.errors import MaskspecError
+
+HF = "hf"
+HF_PROMPT_LOOKUP = "hf-prompt-lookup"
+AR = "ar"
+MASKSPEC = "maskspec"
+BASELINES = (HF, HF_PROMPT_LOOKUP)
+DRAFT_MODES = ("quadratic", "linear")
+MODES = ("ar",) + DRAFT_MODES
+
+
+@dataclass(frozen=True)
+class Method:
+    """One decoding method: `method` is hf | hf-prompt-lookup | ar | maskspec; mode and k only for maskspec
+    (mode "ar" for the reference loop)."""
+
+    method: str
+    mode: str | None = None
+    k: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.method == MASKSPEC:
+            return f"{self.mode} k={self.k}"
+        return self.method
+
+    @property
+    def key(self) -> tuple[str, str | None, int | None]:
+        return (self.method, self.mode, self.k)
+
+
+@dataclass
+class RunRecord:
+    """One timed generation."""
+
+    prompt_id: str
+    domain: str
+    method: str
+    mode: str | None
+    k: int | None
+    repeat: int
+    new_tokens: int
+    forward_passes: int | None
+    seconds: float
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    reference: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str | None, int | None]:
+        return (self.method, self.mode, self.k)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BenchSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    repeats: int = 1
+    prompt_lookup_tokens: int = 10
+    warmup_tokens: int = 16
+    seed: int = 0
+
+
+def build_methods(modes: Iterable[str], ks: Iterable[int], baselines: Iterable[str],
+                  max_k: int | None) -> tuple[list[Method], list[int]]:
+    """The method list in run order (hf first: it is the baseline) and the ks skipped because they exceed the
+    adapter's k. `max_k=None` means no drafting adapter: only baselines and mode ar."""
+    methods = [Method(HF)]
+    if HF_PROMPT_LOOKUP in baselines:
+        methods.append(Method(HF_PROMPT_LOOKUP))
+    modes = list(modes)
+    if AR in modes:
+        methods.append(Method(AR, AR, None))
+    skipped: list[int] = []
+    if max_k is not None:
+        for mode in (m for m in DRAFT_MODES if m in modes):
+            for k in ks:
+                if k > max_k:
+                    if k not in skipped:
+                        skipped.append(k)
+                    continue
+                methods.append(Method(MASKSPEC, mode, k))
+    return methods, skipped
+
+
+def truncate_at_eos(ids: list[int], eos_ids: Iterable[int]) -> list[int]:
+    """The tokens up to and including the first end-of-sequence token (HF generate keeps the EOS)."""
+    eos = set(eos_ids)
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1]
+    return list(ids)
+
+
+class _PassCounter:
+    """Counts calls of a module's forward while active."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.count = 0
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *_: Any) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+class BenchRunner:
+    """Runs methods on prompts for one loaded MTPModel."""
+
+    def __init__(self, mtp: Any, settings: BenchSettings) -> None:
+        self.mtp = mtp
+        self.settings = settings
+        self.device = torch.device(mtp.device)
+        tokenizer = mtp.tokenizer
+        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+        self.pad_token_id = pad if pad is not None else (mtp.eos_token_ids[0] if mtp.eos_token_ids else 0)
+
+    # ------------------------------------------------------------------ helpers
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def input_ids(self, prompt: BenchPrompt) -> torch.Tensor:
+        from maskspec.decode.api import prepare_input_ids
+
+        return prepare_input_ids(self.mtp, prompt.messages).to(self.device)
+
+    def decode(self, ids: list[int]) -> str:
+        if self.mtp.tokenizer is None:
+            return ""
+        return self.mtp.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ one generation
+    def generate(self, method: Method, input_ids: torch.Tensor, max_new_tokens: int,
+                 seed: int) -> tuple[list[int], int | None, float]:
+        """Run one method once: (new token ids up to the first EOS, forward passes, wall seconds)."""
+        s = self.settings
+        if method.method in BASELINES:
+            kwargs: dict[str, Any] = dict(
+                attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                eos_token_id=list(self.mtp.eos_token_ids) or None, pad_token_id=self.pad_token_id,
+            )
+            if s.temperature > 0:
+                kwargs.update(do_sample=True, temperature=s.temperature, top_p=1.0, top_k=0)
+            else:
+                kwargs.update(do_sample=False)
+            if method.method == HF_PROMPT_LOOKUP:
+                kwargs["prompt_lookup_num_tokens"] = s.prompt_lookup_tokens
+            counter = _PassCounter(self.mtp.model)
+            try:
+                if s.temperature > 0:
+                    torch.manual_seed(seed)
+                self._sync()
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    out = self.mtp.model.generate(input_ids, **kwargs)
+                self._sync()
+                seconds = time.perf_counter() - start
+            finally:
+                counter.close()
+            new = out[0, input_ids.shape[1]:].tolist()
+            return truncate_at_eos(new, self.mtp.eos_token_ids), counter.count, seconds
+
+        from maskspec.decode.api import generate
+
+        self._sync()
+        start = time.perf_counter()
+        out = generate(self.mtp, input_ids, max_new_tokens=max_new_tokens, mode=method.mode, k=method.k,
+                       temperature=s.temperature, seed=seed if s.temperature > 0 else None)
+        self._sync()
+        seconds = time.perf_counter() - start
+        return truncate_at_eos(list(out.new_token_ids), self.mtp.eos_token_ids), out.stats.forward_passes, seconds
+
+    # ------------------------------------------------------------------ the benchmark
+    def warm_up(self, methods: list[Method], prompt: BenchPrompt) -> None:
+        """Run every method once, untimed, with few tokens: first-call costs (allocations, kernels) go here."""
+        ids = self.input_ids(prompt)
+        for method in methods:
+            self.generate(method, ids, min(self.settings.warmup_tokens, self.settings.max_new_tokens),
+                          self.settings.seed)
+
+    def run(self, prompts: list[BenchPrompt], methods: list[Method],
+            on_done: Callable[[RunRecord], None] | None = None) -> list[RunRecord]:
+        """All methods on prompt 1 (every repeat), then prompt 2, ... so machine noise hits all methods alike.
+        The method order rotates with the repeat index so no method is always first after a prompt switch."""
+        if not methods or methods[0].method != HF:
+            raise MaskspecError("the benchmark needs the hf baseline as its first method")
+        s = self.settings
+        records: list[RunRecord] = []
+        for prompt in prompts:
+            ids = self.input_ids(prompt)
+            for repeat in range(s.repeats):
+                shift = repeat % len(methods)
+                for method in methods[shift:] + methods[:shift]:
+                    seed = s.seed + repeat
+                    tokens, passes, seconds = self.generate(method, ids, s.max_new_tokens, seed)
+                    record = RunRecord(prompt_id=prompt.id, domain=prompt.domain, method=method.method,
+                                       mode=method.mode, k=method.k, repeat=repeat, new_tokens=len(tokens),
+                                       forward_passes=passes, seconds=seconds, token_ids=tokens,
+                                       text=self.decode(tokens), reference=prompt.reference)
+                    records.append(record)
+                    if on_done is not None:
+                        on_done(record)
+        return records
+
+
+def system_info(device: torch.device | str, dtype: torch.dtype | str) -> dict[str, Any]:
+    """Where the numbers come from: CPU, GPU, threads and library versions."""
+    import os
+    import platform
+
+    import transformers
+
+    from maskspec import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    device = torch.device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "device": str(device), "cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu,
+        "threads": torch.get_num_threads(), "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "maskspec": __version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
