@@ -1,0 +1,217 @@
+"""`maskspec bench`: speed and acceptance of every decoding method against Hugging Face greedy generation."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from maskspec.errors import MaskspecError
+
+BENCH_HELP = """Benchmark maskspec decoding against Hugging Face greedy generation and prompt lookup.
+
+Every method runs on the same chat-templated prompts, interleaved per prompt, after a warm-up. Writes
+results.json, records.jsonl, report.md and PNG plots to --out and prints the tables."""
+
+
+def _split(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def _parse_ks(value: str) -> list[int]:
+    try:
+        ks = [int(part) for part in _split(value)]
+    except ValueError:
+        raise MaskspecError(f"--k takes comma-separated integers such as 1,2,4,8, got {value!r}") from None
+    if not ks or any(k < 1 for k in ks):
+        raise MaskspecError(f"--k needs at least one integer >= 1, got {value!r}")
+    return sorted(set(ks))
+
+
+def _check_choices(option: str, values: list[str], allowed: tuple[str, ...]) -> list[str]:
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise MaskspecError(f"{option}: unknown value(s) {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(values))
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MaskspecError("--device cuda was given but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Optional[Path] = None,
+              domains: Optional[str] = None, n: Optional[int] = None, k: str = "1,2,4,8",
+              modes: str = "ar,linear,quadratic", baselines: str = "hf,hf-prompt-lookup",
+              max_new_tokens: int = 128, temperature: float = 0.0, repeats: int = 1, out: Optional[Path] = None,
+              device: str = "auto", dtype: Optional[str] = None, prompt_lookup_tokens: int = 10, seed: int = 0,
+              plots: bool = True) -> dict[str, Any]:
+    """The whole benchmark (also callable from Python). Returns the results.json payload plus `out`."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from transformers.utils import logging as hf_logging
+
+    from maskspec.adapter import shipped_adapter_available
+    from maskspec.bench import report
+    from maskspec.bench.runner import (BASELINES, MODES, BenchRunner, BenchSettings, build_methods,
+                                       system_info)
+    from maskspec.bench.suites import load_suite, select_prompts
+    from maskspec.hub import is_default_model, parse_dtype
+    from maskspec.model.mtp import MTPConfig, MTPModel
+
+    console = Console()
+    ks = _parse_ks(k)
+    mode_list = _check_choices("--modes", _split(modes), MODES)
+    baseline_list = _check_choices("--baselines", _split(baselines), BASELINES)
+    if max_new_tokens < 1:
+        raise MaskspecError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if repeats < 1:
+        raise MaskspecError(f"--repeats must be at least 1, got {repeats}")
+    if temperature < 0:
+        raise MaskspecError(f"--temperature must be >= 0, got {temperature}")
+    if prompt_lookup_tokens < 1:
+        raise MaskspecError(f"--prompt-lookup-tokens must be at least 1, got {prompt_lookup_tokens}")
+    prompts = select_prompts(load_suite(suite), _split(domains) or None, n)
+    device = _resolve_device(device)
+    torch_dtype = parse_dtype(dtype or ("bf16" if device.startswith("cuda") else "fp32"))
+    out = Path(out) if out is not None else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+
+    notes: list[str] = []
+    if "hf" not in baseline_list:
+        notes.append("hf greedy always runs: it is the baseline every speed-up and exact match refers to.")
+    # Which adapter: an explicit one, the shipped default, "none" (untrained, pipeline check) or no drafting.
+    adapter_used: str | None = adapter
+    fresh_config: MTPConfig | None = None
+    drafting = True
+    if adapter is not None and adapter.lower() == "none":
+        adapter_used, fresh_config = None, MTPConfig(k=max(ks))
+        notes.append("--adapter none: drafting with an UNTRAINED adapter. Outputs must still equal hf greedy, but "
+                     "tau stays near 1; use it to check the pipeline, not to measure acceptance.")
+    elif adapter is None:
+        if is_default_model(model) and shipped_adapter_available():
+            adapter_used = "default"
+        else:
+            drafting = False
+            fresh_config = MTPConfig(k=1, rank=1)
+            notes.append("No drafting adapter: this installation ships none for the default model"
+                         if is_default_model(model) else f"No --adapter given for model {model!r}")
+            notes[-1] += ("; running only the hf baselines and the reference loop (ar). Pass --adapter FOLDER "
+                          "(from `maskspec train`) to measure drafting, or --adapter none for an untrained one.")
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with console.status(f"loading model {model!r} ({device}, {str(torch_dtype).replace('torch.', '')})"):
+        mtp = MTPModel.from_pretrained(model, adapter=adapter_used, config=fresh_config, dtype=torch_dtype,
+                                       device=device)
+    max_k = mtp.config.k if drafting else None
+    methods, skipped = build_methods(mode_list, ks, baseline_list, max_k)
+    if skipped:
+        notes.append(f"k = {', '.join(map(str, skipped))} skipped: the adapter drafts at most k = {mtp.config.k}.")
+        console.print(f"[yellow]note:[/yellow] {notes[-1]}")
+
+    settings = BenchSettings(max_new_tokens=max_new_tokens, temperature=temperature, repeats=repeats,
+                             prompt_lookup_tokens=prompt_lookup_tokens, seed=seed)
+    runner = BenchRunner(mtp, settings)
+    config = {
+        "model": model, "adapter": adapter_used if adapter_used is not None else
+        ("none (untrained)" if drafting else None), "adapter_k": mtp.config.k if drafting else None,
+        "suite": str(suite) if suite else "built-in", "domains": list(dict.fromkeys(p.domain for p in prompts)),
+        "n": n, "prompts": len(prompts), "k": ks, "k_skipped": skipped, "modes": mode_list,
+        "baselines": baseline_list, "methods": [m.label for m in methods], "max_new_tokens": max_new_tokens,
+        "temperature": temperature, "repeats": repeats, "device": device,
+        "dtype": str(torch_dtype).replace("torch.", ""), "prompt_lookup_tokens": prompt_lookup_tokens,
+        "seed": seed, "out": str(out), "notes": notes,
+    }
+
+    total = len(prompts) * repeats * len(methods)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("warm-up", total=total)
+        runner.warm_up(methods, prompts[0])
+
+        def advance(record: Any) -> None:
+            progress.update(task, advance=1, description=f"{record.domain}/{record.prompt_id}")
+
+        records = runner.run(prompts, methods, on_done=advance)
+        progress.update(task, description="done")
+
+    rows, mismatches = report.aggregate(records, greedy=temperature == 0)
+    system = system_info(device, torch_dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_records_jsonl(out / "records.jsonl", records)
+    report.write_results_json(out / "results.json", rows, mismatches, system, config)
+    plot_files = report.write_plots(out, rows) if plots else []
+    if plots and not plot_files:
+        console.print("[yellow]note:[/yellow] matplotlib is not installed; no plots (pip install maskspec[bench])")
+    report.write_report_md(out / "report.md", rows, mismatches, system, config, notes,
+                           [str(p) for p in plot_files])
+
+    _print_tables(console, report.tables(rows)[:2] if len(rows) > 1 else report.tables(rows))
+    if temperature == 0:
+        if mismatches:
+            console.print(f"[red]{len(mismatches)} greedy output(s) differ from hf greedy:[/red]")
+            for m in mismatches:
+                console.print(f"  {m['domain']}/{m['prompt_id']} {m['label']} repeat {m['repeat']}: "
+                              f"first difference at token {m['first_difference']}")
+        else:
+            console.print("[green]exact match: every greedy method reproduced hf greedy on every prompt[/green]")
+    console.print(f"results: {out / 'results.json'}, report: {out / 'report.md'}")
+    return {"system": system, "config": config, "results": rows, "mismatches": mismatches, "out": out}
+
+
+def _print_tables(console: Any, tables: list) -> None:
+    from rich.table import Table
+
+    for title, headers, body in tables:
+        table = Table(title=title)
+        for i, h in enumerate(headers):
+            table.add_column(h, justify="left" if i == 0 else "right")
+        for row in body:
+            table.add_row(*row)
+        console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench", help=BENCH_HELP)
+    def bench(
+        model: str = typer.Option("default", "--model", help="HF id, local folder, or 'default' (embedded "
+                                                           "SmolLM2-135M-Instruct)."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter folder, 'default' (shipped), or "
+                                              "'none' (untrained adapter: pipeline check). Without it: the shipped "
+                                              "adapter for the default model, else no drafting."),
+        suite: Optional[Path] = typer.Option(None, "--suite", help="Prompt JSONL (maskspec schema or Spec-Bench "
+                                             "question.jsonl). Default: the small built-in suite."),
+        domains: Optional[str] = typer.Option(None, "--domains", help="Comma-separated domains to run."),
+        n: Optional[int] = typer.Option(None, "--n", help="Prompts per domain (default: all)."),
+        k: str = typer.Option("1,2,4,8", "--k", help="Comma-separated numbers of drafts."),
+        modes: str = typer.Option("ar,linear,quadratic", "--modes", help="Comma-separated: ar, linear, "
+                                                                         "quadratic."),
+        baselines: str = typer.Option("hf,hf-prompt-lookup", "--baselines",
+                                      help="Comma-separated: hf, hf-prompt-lookup (hf always runs)."),
+        max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="New tokens per generation at most."),
+        temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (exact match is checked)."),
+        repeats: int = typer.Option(1, "--repeats", help="Timed runs per prompt and method (mean and spread)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
+                                                               "bench-results/<timestamp>)."),
+        device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 or bf16 (default: bf16 on cuda, fp32 "
+                                                                  "on cpu)."),
+        prompt_lookup_tokens: int = typer.Option(10, "--prompt-lookup-tokens",
+                                                 help="prompt_lookup_num_tokens for hf-prompt-lookup."),
+        seed: int = typer.Option(0, "--seed", help="Sampling seed (temperature > 0)."),
+        plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
+    ) -> None:
+        run_bench(model=model, adapter=adapter, suite=suite, domains=domains, n=n, k=k, modes=modes,
+                  baselines=baselines, max_new_tokens=max_new_tokens, temperature=temperature, repeats=repeats,
+                  out=out, device=device, dtype=dtype, prompt_lookup_tokens=prompt_lookup_tokens, seed=seed,
+                  plots=plots)

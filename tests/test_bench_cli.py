@@ -1,0 +1,122 @@
+"""End to end: `maskspec bench` on a tiny random llama with the embedded tokenizer (2 prompts, few tokens)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from maskspec.errors import MaskspecError
+
+pytest.importorskip("maskspec.decode.api")
+
+ROW_KEYS = {"domain", "method", "mode", "k", "prompts", "new_tokens", "forward_passes", "tokens_per_pass",
+            "tokens_per_second", "speedup_vs_hf", "exact_match", "accuracy", "repeats", "tokens_per_second_std",
+            "speedup_vs_hf_std"}
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny llama saved with the embedded model's tokenizer, and a random (untrained) k=2 adapter for it."""
+    from maskspec.hub import load_model_and_tokenizer
+    from maskspec.model.mtp import MTPConfig, MTPModel, randomize_adapter_
+    from maskspec.testing import tiny_model
+
+    root = tmp_path_factory.mktemp("bench")
+    _, tokenizer = load_model_and_tokenizer("default")
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model_dir, adapter_dir = root / "tiny-llama", root / "adapter"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    mtp = MTPModel(model, tokenizer, MTPConfig(k=2, rank=4))
+    randomize_adapter_(mtp, seed=1)
+    mtp.save_adapter(adapter_dir)
+    return model_dir, adapter_dir
+
+
+def bench_app() -> typer.Typer:
+    from maskspec.bench.cli import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:  # keeps `bench` a named sub-command, as in the real CLI
+        pass
+
+    register(app)
+    return app
+
+
+def test_bench_end_to_end(tiny_folders, tmp_path):
+    model_dir, adapter_dir = tiny_folders
+    out = tmp_path / "out"
+    result = CliRunner().invoke(bench_app(), [
+        "bench", "--model", str(model_dir), "--adapter", str(adapter_dir), "--domains", "math,code", "--n", "1",
+        "--k", "1,2,4", "--modes", "ar,linear,quadratic", "--max-new-tokens", "8", "--repeats", "2",
+        "--out", str(out), "--device", "cpu", "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "k = 4 skipped" in result.output
+    assert "exact match" in result.output
+
+    for name in ("results.json", "records.jsonl", "report.md", "tau_vs_k.png", "speedup.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    payload = json.loads((out / "results.json").read_text())
+    assert set(payload) == {"system", "config", "results", "mismatches"}
+    assert {"cpu", "gpu", "threads", "torch", "transformers", "maskspec", "dtype"} <= set(payload["system"])
+    assert payload["system"]["dtype"] == "float32"
+    config = payload["config"]
+    assert config["k"] == [1, 2, 4] and config["k_skipped"] == [4] and config["max_new_tokens"] == 8
+    assert config["methods"] == ["hf", "hf-prompt-lookup", "ar", "quadratic k=1", "quadratic k=2", "linear k=1",
+                                 "linear k=2"]
+
+    rows = payload["results"]
+    assert {(r["domain"], r["method"], r["mode"], r["k"]) for r in rows} == {
+        (d, m, mode, k) for d in ("math", "code", "all")
+        for m, mode, k in [("hf", None, None), ("hf-prompt-lookup", None, None), ("ar", "ar", None),
+                           ("maskspec", "linear", 1), ("maskspec", "linear", 2),
+                           ("maskspec", "quadratic", 1), ("maskspec", "quadratic", 2)]}
+    for r in rows:
+        assert ROW_KEYS <= set(r)
+        assert r["prompts"] == (2 if r["domain"] == "all" else 1) and r["repeats"] == 2
+        assert 1 <= r["new_tokens"] <= 8 * r["prompts"]
+        assert r["exact_match"] == 1.0, r  # greedy: every method reproduces hf greedy
+        assert r["tokens_per_second"] > 0 and r["speedup_vs_hf"] > 0
+        if r["method"] in ("hf", "ar"):
+            assert r["forward_passes"] == r["new_tokens"] and r["tokens_per_pass"] == 1.0
+        else:
+            assert 1 <= r["forward_passes"] <= r["new_tokens"]
+        if r["mode"] in ("linear", "quadratic"):
+            assert 1.0 <= r["tokens_per_pass"] <= r["k"] + 1
+        assert (r["accuracy"] is None) == (r["domain"] == "code")
+    assert payload["mismatches"] == []
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * 2 * 7
+    report = (out / "report.md").read_text()
+    assert "Tokens per forward pass (tau)" in report and "| math |" in report
+
+
+def test_bench_without_adapter_runs_baselines_and_ar(tiny_folders, tmp_path):
+    model_dir, _ = tiny_folders
+    out = tmp_path / "out"
+    result = CliRunner().invoke(bench_app(), [
+        "bench", "--model", str(model_dir), "--domains", "chat", "--n", "1", "--max-new-tokens", "4",
+        "--baselines", "hf", "--out", str(out), "--device", "cpu", "--no-plots"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "No --adapter given" in result.output
+    payload = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in payload["results"]} == {"hf", "ar"}
+    assert not list(out.glob("*.png"))
+    assert "Tokens per forward pass" not in (out / "report.md").read_text()
+
+
+def test_bench_malformed_suite(tmp_path):
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text('{"domain": "chat", "messages": [{"role": "user", "content": "hi"}]}\n{"domain": 3}\n')
+    result = CliRunner().invoke(bench_app(), ["bench", "--suite", str(suite), "--out", str(tmp_path / "o")])
+    assert isinstance(result.exception, MaskspecError)
+    assert f"{suite}:2:" in str(result.exception)
+    result = CliRunner().invoke(bench_app(), ["bench", "--modes", "fast", "--out", str(tmp_path / "o")])
+    assert isinstance(result.exception, MaskspecError) and "--modes" in str(result.exception)
