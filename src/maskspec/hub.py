@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from maskspec.errors import ModelLoadError
 
@@ -119,6 +120,7 @@ def load_model_and_tokenizer(
     """Load a causal LM and its tokenizer from an id, a folder, or `default` (the embedded model)."""
     path = resolve_model_path(model)
     torch_dtype = parse_dtype(dtype)
+    hf_logging.disable_progress_bar()  # a sub-second bar per load is noise in a CLI
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(path)

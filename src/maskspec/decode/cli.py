@@ -1,0 +1,128 @@
+"""`maskspec generate` and `maskspec chat`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from maskspec.decode.api import StreamChunk, generate, stream
+from maskspec.decode.speculative import MODES
+from maskspec.model.mtp import MTPModel
+
+
+def load_for_cli(model: str, adapter: Optional[str], mode: str, dtype: str, device: str,
+                 quiet: bool = False) -> tuple[MTPModel, str]:
+    """Load the model with the adapter the user asked for, or the shipped default adapter where there is one.
+    Without any adapter, speculative modes fall back to `ar` with a notice. Returns (model, effective mode)."""
+    from maskspec.adapter import shipped_adapter_available
+    from maskspec.hub import is_default_model
+
+    if adapter is None and is_default_model(model) and shipped_adapter_available():
+        adapter = "default"
+    if adapter is None and mode != "ar":
+        if not quiet:
+            typer.secho(f"notice: no adapter given and none ships for model {model!r}; decoding with --mode ar "
+                        "(plain, one token per pass). Train one with `maskspec train`.", err=True,
+                        fg=typer.colors.YELLOW)
+        mode = "ar"
+    mtp = MTPModel.from_pretrained(model, adapter=adapter, dtype=dtype, device=device)
+    return mtp, mode
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise typer.BadParameter(f"choose one of {', '.join(MODES)}")
+    return mode
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("generate")
+    def generate_cmd(
+        prompt: str = typer.Argument(..., help="The user message (the chat template is applied)."),
+        model: str = typer.Option("default", "--model", "-m", help="HF id, local folder, or 'default'."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="Adapter folder, or 'default'."),
+        mode: str = typer.Option("quadratic", "--mode", callback=_check_mode, help="quadratic | linear | ar"),
+        k: Optional[int] = typer.Option(None, "--k", help="Drafts per step (default: the adapter's k)."),
+        max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=0),
+        temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0),
+        top_p: float = typer.Option(1.0, "--top-p"),
+        top_k: int = typer.Option(0, "--top-k", min=0),
+        stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+        seed: Optional[int] = typer.Option(None, "--seed"),
+        dtype: str = typer.Option("fp32", "--dtype"),
+        device: str = typer.Option("cpu", "--device"),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object (last line of stdout)."),
+    ) -> None:
+        """Generate an answer to PROMPT, several tokens per forward pass."""
+        mtp, mode = load_for_cli(model, adapter, mode, dtype, device)
+
+        def show(chunk: StreamChunk) -> None:
+            if not as_json:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+
+        out = generate(mtp, prompt, streamer=show, max_new_tokens=max_new_tokens, mode=mode, k=k,
+                       temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed)
+        s = out.stats
+        if as_json:
+            print(json.dumps({"text": out.text, "new_tokens": s.new_tokens, "forward_passes": s.forward_passes,
+                              "tokens_per_pass": round(s.tokens_per_pass, 4), "seconds": round(s.seconds, 4),
+                              "tokens_per_second": round(s.tokens_per_second, 2), "mode": mode,
+                              "k": None if mode == "ar" else (k or mtp.k), "finish_reason": s.finish_reason,
+                              "accepted_histogram": s.accepted_histogram}))
+        else:
+            sys.stdout.write("\n")
+            typer.secho(f"[{s.new_tokens} tokens, {s.forward_passes} passes, {s.tokens_per_pass:.2f} tokens/pass, "
+                        f"{s.tokens_per_second:.1f} tokens/s, mode {mode}]", err=True, fg=typer.colors.BRIGHT_BLACK)
+
+    @app.command("chat")
+    def chat_cmd(
+        model: str = typer.Option("default", "--model", "-m"),
+        adapter: Optional[str] = typer.Option(None, "--adapter", "-a"),
+        mode: str = typer.Option("quadratic", "--mode", callback=_check_mode),
+        k: Optional[int] = typer.Option(None, "--k"),
+        max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1),
+        temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0),
+        system: Optional[str] = typer.Option(None, "--system", help="System message."),
+        dtype: str = typer.Option("fp32", "--dtype"),
+        device: str = typer.Option("cpu", "--device"),
+    ) -> None:
+        """Interactive multi-turn chat. /reset clears the history, /exit quits, Ctrl-C stops an answer."""
+        mtp, mode = load_for_cli(model, adapter, mode, dtype, device)
+        history: list[dict] = [{"role": "system", "content": system}] if system else []
+        typer.secho("maskspec chat: /reset clears the conversation, /exit quits, Ctrl-C stops an answer.",
+                    fg=typer.colors.BRIGHT_BLACK)
+        while True:
+            try:
+                line = input("you> ")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+            if line.strip() == "/exit":
+                return
+            if line.strip() == "/reset":
+                history = history[:1] if system else []
+                typer.secho("(conversation cleared)", fg=typer.colors.BRIGHT_BLACK)
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            answer, stats = "", None
+            sys.stdout.write("assistant> ")
+            try:
+                for chunk in stream(mtp, history, max_new_tokens=max_new_tokens, mode=mode, k=k,
+                                    temperature=temperature):
+                    answer += chunk.text
+                    stats = chunk.stats
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                sys.stdout.write(" [stopped]")
+            history.append({"role": "assistant", "content": answer})
+            sys.stdout.write("\n")
+            if stats is not None:
+                typer.secho(f"[{stats.tokens_per_pass:.2f} tokens/pass, {stats.tokens_per_second:.1f} tokens/s]",
+                            fg=typer.colors.BRIGHT_BLACK)

@@ -1,0 +1,159 @@
+"""Self-speculative decoding (linear and quadratic) and the reference autoregressive loop, on one code path.
+
+State between steps: the KV cache holds every verified token except the newest one, y0; `drafts` are the
+guesses for the tokens after y0. One step feeds [y0, d1..dm] plus mask blocks (layout.normals_first):
+- mode "ar": no blocks, no drafts (the reference loop);
+- mode "linear": one block after the last draft; it yields new drafts only if every draft is accepted;
+- mode "quadratic": a block after y0 and after every draft, so the block after the last accepted token always
+  yields k new drafts.
+The normal rows verify the drafts (verify.py), the cache is cropped to y0 + accepted drafts (their K/V are the
+base model's, since normal rows never see masks and LoRA is off on them), and the next drafts are drawn from
+the sampler head, chained from the token just emitted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from transformers import DynamicCache
+
+from maskspec.decode.cache import crop_cache
+from maskspec.decode.types import GenerationStats
+from maskspec.decode.verify import SamplingConfig, accept_greedy, accept_sampling, sample, warped_probs
+from maskspec.model.layout import Layout, build_layout
+from maskspec.model.mtp import MTPModel
+
+MODES = ("ar", "linear", "quadratic")
+
+
+@dataclass
+class DraftProposal:
+    tokens: list[int] = field(default_factory=list)
+    probs: list[torch.Tensor] = field(default_factory=list)  # per draft, when sampling
+
+
+def propose_drafts(mtp: MTPModel, latents: torch.Tensor, prev_token: int, cfg: SamplingConfig,
+                   generator: torch.Generator | None) -> DraftProposal:
+    """Sampler chain over one mask block: draft j from the sampler at mask j with prev = the token before it."""
+    proposal = DraftProposal()
+    prev = prev_token
+    for j in range(latents.shape[0]):
+        logits = mtp.sampler_logits(torch.tensor([prev], device=latents.device), latents[j:j + 1])[0]
+        if cfg.greedy:
+            token = int(logits.argmax())
+        else:
+            probs = warped_probs(logits, cfg)
+            token = sample(probs, generator)
+            proposal.probs.append(probs)
+        proposal.tokens.append(token)
+        prev = token
+    return proposal
+
+
+class SpeculativeDecoder:
+    """Generates token chunks from a prompt; every chunk is verified output. Single sequence."""
+
+    def __init__(self, mtp: MTPModel, mode: str = "quadratic", k: int | None = None,
+                 sampling: SamplingConfig | None = None, seed: int | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        k = mtp.k if k is None else k
+        if mode != "ar" and not 1 <= k <= mtp.k:
+            raise ValueError(f"k must be in 1..{mtp.k} (the adapter's k), got {k}")
+        self.mtp = mtp
+        self.mode = mode
+        self.k = k if mode != "ar" else 0
+        self.sampling = sampling or SamplingConfig()
+        self.generator = None
+        if not self.sampling.greedy:
+            self.generator = torch.Generator(device=mtp.device)
+            self.generator.manual_seed(seed if seed is not None else torch.seed())
+        # Replaceable in tests (an oracle drafter exercises long accepted runs).
+        self.propose: Callable[[MTPModel, torch.Tensor, int, SamplingConfig, torch.Generator | None],
+                               DraftProposal] = propose_drafts
+        self.cache: DynamicCache | None = None
+
+    def _block_heads(self, num_normal: int, prefill: bool) -> list[int]:
+        if self.k == 0:
+            return []
+        if prefill or self.mode == "linear":
+            return [num_normal - 1]
+        return list(range(num_normal))
+
+    def _forward(self, tokens: list[int], heads: list[int], past_length: int) -> tuple[torch.Tensor, Layout]:
+        layout = build_layout(len(tokens), heads, max(self.k, 1), past_length=past_length, normals_first=True,
+                              device=self.mtp.device)
+        ids = torch.tensor([tokens], device=self.mtp.device)
+        out = self.mtp.forward_layout(ids, layout, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        return out.hidden[0], layout
+
+    @torch.inference_mode()
+    def run(self, prompt_ids: list[int], max_new_tokens: int, stats: GenerationStats) -> Iterator[list[int]]:
+        """Yield lists of newly verified tokens until `max_new_tokens` (the caller stops earlier on EOS or stop
+        strings by closing the iterator)."""
+        stats.prompt_tokens = len(prompt_ids)
+        stats.accepted_histogram = [0] * (self.k + 1)
+        if max_new_tokens <= 0:
+            return
+        self.cache = None
+        start = time.perf_counter()
+        # Prefill: the prompt, plus one mask block after its last token for the first drafts.
+        hidden, layout = self._forward(prompt_ids, self._block_heads(len(prompt_ids), prefill=True), 0)
+        y0, proposal = self._first_token(hidden, layout)
+        crop_cache(self.cache, len(prompt_ids))
+        stats.forward_passes = 1
+        stats.prefill_seconds = time.perf_counter() - start
+        stats.new_tokens = 1
+        yield [y0]
+        produced = 1
+        decode_start = time.perf_counter()
+        try:
+            while produced < max_new_tokens:
+                # Never draft past the token budget: extra drafts would only cost compute.
+                budget = max_new_tokens - produced
+                drafts = DraftProposal(proposal.tokens[:budget - 1], proposal.probs[:budget - 1])
+                past = self.cache.get_seq_length()
+                tokens = [y0] + drafts.tokens
+                hidden, layout = self._forward(tokens, self._block_heads(len(tokens), prefill=False), past)
+                accepted, bonus, proposal = self._verify(hidden, layout, drafts)
+                new_tokens = drafts.tokens[:accepted] + [bonus]
+                crop_cache(self.cache, past + 1 + accepted)
+                y0 = new_tokens[-1]
+                stats.forward_passes += 1
+                stats.accepted_histogram[accepted] += 1
+                stats.new_tokens += len(new_tokens)
+                produced += len(new_tokens)
+                yield new_tokens
+        finally:
+            stats.decode_seconds = time.perf_counter() - decode_start
+
+    def _verify(self, hidden: torch.Tensor, layout: Layout, drafts: DraftProposal
+                ) -> tuple[int, int, DraftProposal]:
+        """(drafts accepted, the token after them, next drafts). Logits only for the normal rows."""
+        logits = self.mtp.head_logits(hidden[layout.normal_rows()])
+        if self.sampling.greedy:
+            accepted, bonus = accept_greedy(drafts.tokens, logits.argmax(dim=-1).tolist())
+        else:
+            accepted, bonus = accept_sampling(drafts.tokens, drafts.probs, warped_probs(logits, self.sampling),
+                                              self.generator)
+        return accepted, bonus, self._next_drafts(hidden, layout, head=accepted, bonus=bonus)
+
+    def _first_token(self, hidden: torch.Tensor, layout: Layout) -> tuple[int, DraftProposal]:
+        """Prefill: the first token comes from the normal head at the last prompt row."""
+        last_row = layout.normal_rows()[-1:]
+        logits = self.mtp.head_logits(hidden[last_row])[0]
+        if self.sampling.greedy:
+            token = int(logits.argmax())
+        else:
+            token = sample(warped_probs(logits, self.sampling), self.generator)
+        return token, self._next_drafts(hidden, layout, head=int(layout.normal_index[last_row]), bonus=token)
+
+    def _next_drafts(self, hidden: torch.Tensor, layout: Layout, head: int, bonus: int) -> DraftProposal:
+        rows = layout.block_rows(head) if self.k else torch.empty(0, dtype=torch.long)
+        if rows.numel() == 0:  # ar mode, or linear mode after a rejection
+            return DraftProposal()
+        return self.propose(self.mtp, hidden[rows], bonus, self.sampling, self.generator)

@@ -1,0 +1,83 @@
+"""The acceptance rules: which drafts survive verification, and which token comes after them.
+
+Greedy: accept draft d_j while it equals the argmax of the normal head at the position before it; the token
+after the last accepted draft is that position's argmax (the "bonus"). The output is plain greedy decoding.
+
+Sampling: standard speculative rejection sampling. Draft d_j was sampled from q_j (the sampler head's warped
+distribution); it is accepted with probability min(1, p_j(d_j) / q_j(d_j)), where p_j is the base model's
+warped distribution at that position. On the first rejection the replacement token is drawn from
+normalise(max(0, p_j - q_j)); if every draft is accepted the bonus is drawn from p after the last draft. The
+emitted tokens are then distributed exactly as plain sampling from p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def warped_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (the order HF applies them), as probabilities in float32."""
+    scores = logits.float() / cfg.temperature
+    if cfg.top_k > 0 and cfg.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, cfg.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - cfg.top_p)
+        remove_sorted[..., -1] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        scores = scores.masked_fill(remove, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def accept_greedy(drafts: list[int], target_argmax: list[int]) -> tuple[int, int]:
+    """(number of drafts accepted, bonus token). target_argmax[i] is the greedy token after normal row i
+    (row 0 = the newest verified token, row j = draft j); it has len(drafts) + 1 entries."""
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == target_argmax[accepted]:
+        accepted += 1
+    return accepted, target_argmax[accepted]
+
+
+def accept_sampling(drafts: list[int], draft_probs: list[torch.Tensor], target_probs: torch.Tensor,
+                    generator: torch.Generator | None) -> tuple[int, int]:
+    """(number of drafts accepted, next token) under rejection sampling. target_probs: (len(drafts)+1, V);
+    draft_probs[j]: the distribution draft j was sampled from."""
+    for j, token in enumerate(drafts):
+        p = target_probs[j]
+        q = draft_probs[j]
+        ratio = (p[token] / q[token]).item() if q[token] > 0 else float("inf")
+        u = torch.rand((), generator=generator, device=p.device).item()
+        if u < min(1.0, ratio):
+            continue
+        residual = (p - q).clamp(min=0)
+        total = residual.sum()
+        # p == q up to rounding: the residual is empty; any draw from p is then exact.
+        return j, sample(residual / total if total > 0 else p, generator)
+    return len(drafts), sample(target_probs[len(drafts)], generator)

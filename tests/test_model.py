@@ -1,0 +1,221 @@
+"""MTPModel: gate exactness, the one-pass layout, adapter files, which parameters train."""
+
+import json
+
+import pytest
+import torch
+
+from maskspec.adapter import FORMAT_VERSION, load_adapter, read_adapter_config
+from maskspec.errors import AdapterError
+from maskspec.model.layout import build_layout
+from maskspec.model.mtp import MTPConfig, MTPModel, randomize_adapter_
+from maskspec.testing import TINY_ARCHITECTURES, tiny_model
+
+
+def _random_mtp(arch, k=3, seed=0, dtype=torch.float32):
+    return randomize_adapter_(MTPModel(tiny_model(arch, dtype=dtype, seed=seed), config=MTPConfig(k=k, rank=4)),
+                              seed=seed + 1)
+
+
+def _lora_b_nonzero(mtp):
+    return all(t.abs().sum() > 0 for n, t in mtp.adapter_state_dict().items() if n.endswith(".B"))
+
+
+def _normal_outputs(mtp, ids, layout):
+    with torch.no_grad():
+        hidden = mtp.forward_layout(ids, layout).hidden[0, layout.normal_rows()]
+        return hidden, mtp.head_logits(hidden)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_gate_exactness_tiny(arch):
+    mtp = _random_mtp(arch)
+    assert _lora_b_nonzero(mtp)
+    ids = torch.randint(3, 128, (1, 14), generator=torch.Generator().manual_seed(3))
+    # Masks after every token, LoRA on them: the normal rows must not notice.
+    layout = build_layout(14, range(14), mtp.k)
+    hidden, logits = _normal_outputs(mtp, ids, layout)
+    # The plain base model on the same rows, with the adapter out of the picture (gate never set):
+    with torch.no_grad():
+        token_ids = ids[:, layout.normal_index.clamp(min=0)]
+        embeds = mtp.embed_rows(token_ids, layout.mask_slot[None])
+        mask = mtp.model_attention_mask(layout.attention[None], layout.position_ids[None],
+                                        layout.key_positions[None], embeds.dtype)
+        plain = mtp.model.get_decoder()(inputs_embeds=embeds, position_ids=layout.position_ids[None],
+                                        attention_mask=mask).last_hidden_state[0, layout.normal_rows()]
+    assert torch.equal(hidden, plain)
+    # And with no mask rows at all, the wrapper's path is bit-identical to `model(input_ids)`.
+    bare = build_layout(14, [], mtp.k)
+    hidden0, logits0 = _normal_outputs(mtp, ids, bare)
+    with torch.no_grad():
+        ref = mtp.model(ids, output_hidden_states=True)
+    assert torch.equal(logits0, ref.logits[0])
+    assert torch.equal(hidden0, mtp.model.get_decoder()(ids).last_hidden_state[0])
+    # The mask rows do change with the adapter (the test would pass trivially otherwise).
+    with torch.no_grad():
+        masked = mtp.forward_layout(ids, layout).hidden[0, layout.mask_rows()]
+        for p in mtp.adapter_state_dict().values():
+            p.mul_(2)
+        masked2 = mtp.forward_layout(ids, layout).hidden[0, layout.mask_rows()]
+    assert not torch.allclose(masked, masked2)
+
+
+@pytest.mark.slow
+def test_gate_exactness_smollm(smollm):
+    model, tok = smollm
+    mtp = randomize_adapter_(MTPModel(model, tok, MTPConfig(k=4, rank=8)), scale=0.02)
+    try:
+        ids = tok("The quick brown fox jumps over the lazy dog because", return_tensors="pt").input_ids
+        n = ids.shape[1]
+        layout = build_layout(n, range(n), 4)
+        hidden, logits = _normal_outputs(mtp, ids, layout)
+        bare_hidden, bare_logits = _normal_outputs(mtp, ids, build_layout(n, [], 4))
+        with torch.no_grad():
+            ref = model(ids)
+        assert torch.equal(bare_logits, ref.logits[0])
+        # Same rows with the gate off: bit-identical hidden states and logits.
+        with torch.no_grad():
+            token_ids = ids[:, layout.normal_index.clamp(min=0)]
+            embeds = mtp.embed_rows(token_ids, layout.mask_slot[None])
+            mask = mtp.model_attention_mask(layout.attention[None], layout.position_ids[None],
+                                            layout.key_positions[None], embeds.dtype)
+            plain = model.get_decoder()(inputs_embeds=embeds, position_ids=layout.position_ids[None],
+                                        attention_mask=mask).last_hidden_state[0, layout.normal_rows()]
+        assert torch.equal(hidden, plain)
+        assert torch.equal(logits, mtp.head_logits(plain))
+        # Different row count from `model(ids)` changes summation order only.
+        torch.testing.assert_close(logits, ref.logits[0], atol=1e-4, rtol=0)
+    finally:
+        _unwrap(mtp)
+
+
+def _unwrap(mtp):
+    """Put the shared session model back to plain linear layers."""
+    from maskspec.model.gated_lora import GatedLoRALinear
+
+    for parent in list(mtp.model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GatedLoRALinear):
+                setattr(parent, name, child.base)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_one_pass_layout_equals_separate_prefix_forwards(arch):
+    k = 3
+    mtp = _random_mtp(arch, k=k, dtype=torch.float64)
+    n = 10
+    ids = torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(5))
+    layout = build_layout(n, range(n), k)  # masks after every position
+    with torch.no_grad():
+        hidden = mtp.forward_layout(ids, layout).hidden[0]
+        for h in range(n):
+            single = build_layout(h + 1, [h], k)  # prefix x_0..x_h + k masks
+            alone = mtp.forward_layout(ids[:, :h + 1], single).hidden[0, single.block_rows(h)]
+            torch.testing.assert_close(hidden[layout.block_rows(h)], alone, atol=1e-5, rtol=0)
+
+
+def test_only_adapter_parameters_get_gradients():
+    mtp = _random_mtp("llama")
+    ids = torch.randint(3, 128, (1, 8))
+    layout = build_layout(8, range(7), mtp.k)
+    hidden = mtp.forward_layout(ids, layout).hidden[0]
+    mask_rows = layout.mask_rows()
+    loss = mtp.head_logits(hidden[mask_rows]).logsumexp(-1).mean()
+    prev = torch.full((len(mask_rows),), 5, dtype=torch.long)
+    loss = loss + mtp.sampler_logits(prev, hidden[mask_rows]).logsumexp(-1).mean()
+    loss.backward()
+    trainable = {id(p) for p in mtp.trainable_parameters()}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mtp.trainable_parameters())
+    for name, p in mtp.named_parameters():
+        if id(p) not in trainable:
+            assert not p.requires_grad and p.grad is None, name
+    names = set(mtp.adapter_state_dict())
+    assert "mask_embeddings" in names and any(n.startswith("sampler.") for n in names)
+    assert sum(n.startswith("lora.") for n in names) == 2 * 7 * 2  # A and B x 7 targets x 2 layers
+
+
+def test_gate_is_cleared_after_the_call():
+    mtp = _random_mtp("llama")
+    ids = torch.randint(3, 128, (1, 6))
+    mtp.forward_layout(ids, build_layout(6, [5], mtp.k))
+    assert mtp.gate.rows is None
+
+
+def test_adapter_round_trip(tmp_path):
+    mtp = _random_mtp("qwen2")
+    folder = mtp.save_adapter(tmp_path / "ad")
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    for key in ("format_version", "k", "rank", "alpha", "target_modules", "sampler_shape", "base_model",
+                "base_fingerprint", "dtype"):
+        assert key in cfg
+    other = MTPModel(tiny_model("qwen2"), config=read_adapter_config(folder).mtp_config())
+    load_adapter(other, folder)
+    for (n1, t1), (n2, t2) in zip(mtp.adapter_state_dict().items(), other.adapter_state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2)
+    ids = torch.randint(3, 128, (1, 9))
+    layout = build_layout(9, range(9), mtp.k)
+    with torch.no_grad():
+        assert torch.equal(mtp.forward_layout(ids, layout).hidden, other.forward_layout(ids, layout).hidden)
+    # Saving over an existing adapter replaces it whole.
+    mtp.save_adapter(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+
+
+def test_adapter_bad_inputs(tmp_path):
+    mtp = _random_mtp("llama")
+    good = mtp.save_adapter(tmp_path / "good")
+    fresh = lambda seed=0, arch="llama": MTPModel(tiny_model(arch, seed=seed), config=MTPConfig(k=3, rank=4))  # noqa
+
+    with pytest.raises(AdapterError, match="does not exist"):
+        load_adapter(fresh(), tmp_path / "missing")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    with pytest.raises(AdapterError, match="no adapter.safetensors"):
+        load_adapter(fresh(), no_weights)
+
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    data = (good / "adapter.safetensors").read_bytes()
+    (truncated / "adapter.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError, match="corrupt or truncated"):
+        load_adapter(fresh(), truncated)
+
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    (garbage / "adapter.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(AdapterError, match="corrupt or truncated"):
+        load_adapter(fresh(), garbage)
+
+    with pytest.raises(AdapterError, match="made for base model"):
+        load_adapter(fresh(seed=7), good)  # same architecture, other weights
+    with pytest.raises(AdapterError, match="made for base model"):
+        load_adapter(fresh(arch="qwen2"), good)
+    # Shape mismatch (another rank) with a matching base model.
+    with pytest.raises(AdapterError, match="shape"):
+        load_adapter(MTPModel(tiny_model("llama"), config=MTPConfig(k=3, rank=8)), good)
+
+    future = tmp_path / "future"
+    future.mkdir()
+    cfg = json.loads((good / "adapter_config.json").read_text())
+    cfg["format_version"] = FORMAT_VERSION + 1
+    (future / "adapter_config.json").write_text(json.dumps(cfg))
+    (future / "adapter.safetensors").write_bytes(data)
+    with pytest.raises(AdapterError, match="format version"):
+        load_adapter(fresh(), future)
+    (future / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        load_adapter(fresh(), future)
+
+
+def test_cli_reports_adapter_errors_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "maskspec.cli", "generate", "hi", "--adapter",
+                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: adapter folder") and "does not exist" in proc.stderr
