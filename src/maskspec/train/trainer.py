@@ -203,6 +203,19 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _set_activation_checkpointing(model, on: bool) -> None:
+    """HF activation (gradient) checkpointing, non-reentrant; newer transformers renamed the methods."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -450,7 +463,7 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
             warnings.warn(f"checkpoint is at step {start_step}, not below --steps {cfg.steps}", stacklevel=2)
 
     if cfg.gradient_checkpointing:
-        mtp.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _set_activation_checkpointing(mtp.model, True)
     mtp.train()
     weights = cfg.loss_weights()
     log = MetricsLog(out, main, start_step)
@@ -538,7 +551,7 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
         log.write({"eval": True, **ev})
     save_checkpoint(out, final_step, mtp, optimizer, scheduler, cfg, rank, world, cfg.keep_checkpoints)
     if cfg.gradient_checkpointing:
-        mtp.model.gradient_checkpointing_disable()
+        _set_activation_checkpointing(mtp.model, False)
     mtp.eval()
     if main:
         training = {**asdict(cfg), "final_step": final_step, "processes": world,

@@ -1,0 +1,246 @@
+"""Training loop: frozen base, learning, losses, resume, checkpoints, gradient checkpointing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from maskspec.adapter import load_adapter
+from maskspec.model.layout import IGNORE_INDEX
+from maskspec.train.data import make_batch
+from maskspec.train.losses import LossWeights, compute_losses, row_counts
+from maskspec.train.trainer import TrainConfig, TrainError, list_checkpoints, train
+
+from train_helpers import single_thread, synthetic_examples, tiny_mtp
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+def _cfg(out, **kw) -> TrainConfig:
+    base = dict(out=str(out), k=3, rank=8, alpha=16.0, lr=1e-2, steps=4, batch_size=2, warmup=2,
+                schedule="constant", save_every=1000, progress=False, eval_size=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_base_weights_and_normal_logits_unchanged(tmp_path):
+    mtp = tiny_mtp()
+    examples = synthetic_examples(4)
+    before = {n: p.detach().clone() for n, p in mtp.base_parameters()}
+    adapter_before = {n: p.detach().clone() for n, p in mtp.adapter_state_dict().items()}
+    probe = examples[0].input_ids[None]
+    with torch.no_grad():
+        logits_before = mtp.model(probe).logits.clone()
+    train(_cfg(tmp_path / "a", weight_decay=0.1), mtp=mtp, examples=examples)
+
+    for name, p in mtp.base_parameters():
+        assert not p.requires_grad, name
+        assert torch.equal(p, before[name]), f"base parameter {name} changed"
+    # The adapter did move (so the check above is not vacuous).
+    moved = [n for n, p in mtp.adapter_state_dict().items() if not torch.equal(p, adapter_before[n])]
+    assert any(n.startswith("lora.") for n in moved) and "mask_embeddings" in moved
+    with torch.no_grad():
+        assert torch.equal(mtp.model(probe).logits, logits_before)
+        # Normal rows of a training layout (LoRA gated on for the masks) still give the base model's latents.
+        batch = make_batch([examples[0]], k=3)
+        hidden = mtp.forward_rows(batch.token_ids, batch.mask_slot, batch.position_ids, batch.attention,
+                                  batch.key_positions).hidden[0]
+        normal = batch.mask_slot[0] < 0
+        base_hidden = mtp.model.get_decoder()(input_ids=probe).last_hidden_state[0]
+        torch.testing.assert_close(hidden[normal], base_hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_overfit_tiny_dataset(tmp_path):
+    mtp = tiny_mtp()
+    examples = synthetic_examples(4)
+    result = train(_cfg(tmp_path / "o", steps=80, lr=2e-2, warmup=5), mtp=mtp, examples=examples,
+                   eval_examples=examples)
+    ev = result.evals[-1]
+    assert ev["targets"] > 100
+    assert ev["acc_base_mean"] > 0.95, ev
+    assert ev["acc_sampler_mean"] > 0.95, ev
+    assert min(ev["acc_base"]) > 0.9  # every offset, not only the easy first one
+    hist = result.history
+
+    def mean(key, part):
+        return sum(h[key] for h in part) / len(part)
+
+    for key in ("ce", "sampler", "lcm"):
+        assert mean(key, hist[-10:]) < 0.5 * mean(key, hist[:5]) if key != "lcm" else \
+            mean(key, hist[-10:]) < mean(key, hist[:5]), key
+    # The final adapter is a loadable folder, with the hyperparameters recorded.
+    fresh = tiny_mtp(adapter_seed=123)
+    config = load_adapter(fresh, tmp_path / "o")
+    assert config.training["steps"] == 80 and config.training["k"] == 3
+    for name, p in fresh.adapter_state_dict().items():
+        assert torch.equal(p, mtp.adapter_state_dict()[name])
+    lines = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "eval" not in m] == list(range(1, 81))
+
+
+def test_losses_definition():
+    """The pieces are what the spec says: CE of the base head and of the sampler (prev = true previous token) at
+    labelled mask rows, and LCM against the detached partner normal row."""
+    torch.manual_seed(0)
+    mtp = tiny_mtp()
+    for p in mtp.sampler.parameters():  # a non-trivial sampler
+        torch.nn.init.normal_(p, std=0.3)
+    ex = synthetic_examples(1)[0]
+    batch = make_batch([ex], k=3)
+    hidden = mtp.forward_rows(batch.token_ids, batch.mask_slot, batch.position_ids, batch.attention,
+                              batch.key_positions).hidden
+    out = compute_losses(mtp, hidden, batch, LossWeights(kl=1.0), row_counts(batch))
+
+    ids, h = ex.input_ids, hidden[0]
+    ce = sampler = lcm = kl = 0.0
+    n_ce = n_lcm = 0
+    slots = batch.mask_slot[0].tolist()
+    normal_row = {}  # normal index -> row
+    for row, s in enumerate(slots):
+        if s < 0:
+            normal_row[len(normal_row)] = row
+    for row, s in enumerate(slots):
+        if s < 0:
+            continue
+        # Find the block head: the last normal row before this mask row.
+        hd = max(i for i, rr in normal_row.items() if rr < row)
+        j = s + 1
+        partner = hd + j
+        if partner < ids.numel():
+            lcm += (h[row] - h[normal_row[partner]]).pow(2).mean()
+            n_lcm += 1
+        target = hd + 1 + j
+        if target < ids.numel() and ex.labelled[target]:
+            logits = mtp.head_logits(h[row])
+            ce += torch.nn.functional.cross_entropy(logits[None], ids[target][None])
+            sl = mtp.sampler_logits(ids[target - 1][None], h[row][None])
+            sampler += torch.nn.functional.cross_entropy(sl, ids[target][None])
+            p_t = torch.softmax(mtp.head_logits(h[normal_row[partner]]), -1)
+            kl += (p_t * (p_t.log() - torch.log_softmax(logits, -1))).sum()
+            n_ce += 1
+    assert n_ce == int(((batch.labels != IGNORE_INDEX) & (batch.mask_slot >= 0)).sum())
+    torch.testing.assert_close(out["ce"], ce / n_ce)
+    torch.testing.assert_close(out["sampler"], sampler / n_ce)
+    torch.testing.assert_close(out["lcm"], lcm / n_lcm)
+    torch.testing.assert_close(out["kl"], kl / n_ce)
+    torch.testing.assert_close(out["loss"], out["ce"] + out["sampler"] + out["lcm"] + out["kl"])
+    # The LCM target is detached: its gradient reaches the mask latents only.
+    hidden.retain_grad()
+    out["lcm"].backward()
+    grad = hidden.grad[0]
+    assert grad[batch.mask_slot[0] >= 0].abs().sum() > 0
+    assert grad[batch.mask_slot[0] < 0].abs().sum() == 0
+
+
+def test_padded_batch_matches_separate_sequences():
+    """Padding rows change nothing: a batch of two sequences gives the summed losses and gradients of the two
+    run one by one (with the same global normalisers)."""
+    mtp = tiny_mtp()
+    exs = synthetic_examples(2)
+    both = make_batch(exs, k=3)
+    norm = row_counts(both)
+    assert both.token_ids.shape[1] == max(make_batch([e], 3).token_ids.shape[1] for e in exs)
+
+    def run(batch):
+        mtp.zero_grad()
+        hidden = mtp.forward_rows(batch.token_ids, batch.mask_slot, batch.position_ids, batch.attention,
+                                  batch.key_positions).hidden
+        loss = compute_losses(mtp, hidden, batch, LossWeights(), norm)["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in mtp.trainable_parameters()]
+
+    loss_b, grads_b = run(both)
+    parts = [run(make_batch([e], k=3)) for e in exs]
+    torch.testing.assert_close(loss_b, parts[0][0] + parts[1][0])
+    for gb, g0, g1 in zip(grads_b, parts[0][1], parts[1][1]):
+        torch.testing.assert_close(gb, g0 + g1, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_and_chunking_match_plain(tmp_path):
+    exs = synthetic_examples(4)
+    plain = train(_cfg(tmp_path / "p", steps=3), mtp=tiny_mtp(), examples=exs)
+    ckpt = train(_cfg(tmp_path / "c", steps=3, gradient_checkpointing=True, chunk_rows=16), mtp=tiny_mtp(),
+                 examples=exs)
+    for a, b in zip(plain.history, ckpt.history):
+        for key in ("loss", "ce", "sampler", "lcm", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+def test_bf16_autocast_block_subset_and_accumulation(tmp_path):
+    exs = synthetic_examples(6)
+    result = train(_cfg(tmp_path / "b", steps=3, bf16=True, block_fraction=0.5, max_blocks=4, grad_accum=2),
+                   mtp=tiny_mtp(), examples=exs)
+    assert len(result.history) == 3
+    for h in result.history:
+        assert all(torch.isfinite(torch.tensor(h[k])) for k in ("loss", "ce", "sampler", "lcm"))
+        # at most 4 blocks of 3 masks in each of the 2 x 2 sequences of a step
+        assert h["rows"] - h["tokens"] <= 4 * 3 * 4
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    exs = synthetic_examples(5)
+    full = train(_cfg(tmp_path / "full", steps=6), mtp=tiny_mtp(), examples=exs)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_4(step, metrics):
+        if step == 4:
+            raise Crash
+
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        train(_cfg(out, steps=6, save_every=3), mtp=tiny_mtp(), examples=exs, on_step=crash_after_4)
+    assert [s for s, _ in list_checkpoints(out)] == [3]
+    with pytest.raises(TrainError, match="--resume"):
+        train(_cfg(out, steps=6, save_every=3), mtp=tiny_mtp(), examples=exs)
+    # A different random init proves the adapter really comes from the checkpoint.
+    resumed = train(_cfg(out, steps=6, save_every=3, resume=True), mtp=tiny_mtp(adapter_seed=7), examples=exs)
+    assert resumed.start_step == 3
+    assert [h["step"] for h in resumed.history] == [4, 5, 6]
+    for a, b in zip(full.history[3:], resumed.history):
+        for key in ("loss", "ce", "sampler", "lcm", "grad_norm", "lr", "tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the crashed run's step 4 was replaced, not duplicated
+    a = tiny_mtp(adapter_seed=1)
+    b = tiny_mtp(adapter_seed=2)
+    load_adapter(a, tmp_path / "full")
+    load_adapter(b, out)
+    for name, p in a.adapter_state_dict().items():
+        torch.testing.assert_close(p, b.adapter_state_dict()[name], rtol=1e-6, atol=1e-7)
+
+
+def test_interrupted_checkpoint_save_keeps_last_good(tmp_path, monkeypatch):
+    import maskspec.train.trainer as trainer
+
+    exs = synthetic_examples(4)
+    out = tmp_path / "ck"
+    real_save = torch.save
+
+    def failing_save(obj, path, *a, **kw):
+        if "step-00000004" in str(path) and str(path).endswith(trainer.STATE_FILE):
+            raise KeyboardInterrupt  # stands for a kill in the middle of writing checkpoint 4
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(trainer.torch, "save", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(out, steps=6, save_every=2), mtp=tiny_mtp(), examples=exs)
+    monkeypatch.setattr(trainer.torch, "save", real_save)
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    resumed = train(_cfg(out, steps=6, save_every=2, resume=True), mtp=tiny_mtp(), examples=exs)
+    assert resumed.start_step == 2 and resumed.history[-1]["step"] == 6
+    assert [s for s, _ in list_checkpoints(out)] == [4, 6]  # keep_checkpoints=2
+
+
+def test_bad_options_raise_user_errors(tmp_path):
+    with pytest.raises(TrainError, match="block-fraction"):
+        train(_cfg(tmp_path / "x", block_fraction=0.0), mtp=tiny_mtp(), examples=synthetic_examples(2))
+    with pytest.raises(TrainError, match="k=3"):
+        train(_cfg(tmp_path / "y", k=4), mtp=tiny_mtp(k=3), examples=synthetic_examples(2))
