@@ -165,8 +165,12 @@ def test_padded_batch_matches_separate_sequences():
 def test_gradient_checkpointing_and_chunking_match_plain(tmp_path):
     exs = synthetic_examples(4)
     plain = train(_cfg(tmp_path / "p", steps=3), mtp=tiny_mtp(), examples=exs)
-    ckpt = train(_cfg(tmp_path / "c", steps=3, gradient_checkpointing=True, chunk_rows=16), mtp=tiny_mtp(),
+    mtp = tiny_mtp()
+    calls = []
+    mtp.model.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    ckpt = train(_cfg(tmp_path / "c", steps=3, gradient_checkpointing=True, chunk_rows=16), mtp=mtp,
                  examples=exs)
+    assert len(calls) == 2 * 3  # the layer runs again inside backward (pre-hook: recompute may stop early)
     for a, b in zip(plain.history, ckpt.history):
         for key in ("loss", "ce", "sampler", "lcm", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
