@@ -75,6 +75,7 @@ class SpeculativeDecoder:
         self.propose: Callable[[MTPModel, torch.Tensor, int, SamplingConfig, torch.Generator | None],
                                DraftProposal] = propose_drafts
         self.cache: DynamicCache | None = None
+        self.generated: list[int] = []  # verified output so far (the drafters' context)
 
     def _block_heads(self, num_normal: int, prefill: bool) -> list[int]:
         if self.k == 0:
@@ -100,10 +101,13 @@ class SpeculativeDecoder:
         if max_new_tokens <= 0:
             return
         self.cache = None
+        self.generated = []
         start = time.perf_counter()
         # Prefill: the prompt, plus one mask block after its last token for the first drafts.
         hidden, layout = self._forward(prompt_ids, self._block_heads(len(prompt_ids), prefill=True), 0)
-        y0, proposal = self._first_token(hidden, layout)
+        y0 = self._first_token(hidden, layout)
+        self.generated.append(y0)
+        proposal = self._next_drafts(hidden, layout, head=len(prompt_ids) - 1, bonus=y0)
         crop_cache(self.cache, len(prompt_ids))
         stats.forward_passes = 1
         stats.prefill_seconds = time.perf_counter() - start
@@ -119,8 +123,10 @@ class SpeculativeDecoder:
                 past = self.cache.get_seq_length()
                 tokens = [y0] + drafts.tokens
                 hidden, layout = self._forward(tokens, self._block_heads(len(tokens), prefill=False), past)
-                accepted, bonus, proposal = self._verify(hidden, layout, drafts)
+                accepted, bonus = self._verify(hidden, layout, drafts)
                 new_tokens = drafts.tokens[:accepted] + [bonus]
+                self.generated.extend(new_tokens)
+                proposal = self._next_drafts(hidden, layout, head=accepted, bonus=bonus)
                 crop_cache(self.cache, past + 1 + accepted)
                 y0 = new_tokens[-1]
                 stats.forward_passes += 1
@@ -131,26 +137,23 @@ class SpeculativeDecoder:
         finally:
             stats.decode_seconds = time.perf_counter() - decode_start
 
-    def _verify(self, hidden: torch.Tensor, layout: Layout, drafts: DraftProposal
-                ) -> tuple[int, int, DraftProposal]:
-        """(drafts accepted, the token after them, next drafts). Logits only for the normal rows."""
+    def _verify(self, hidden: torch.Tensor, layout: Layout, drafts: DraftProposal) -> tuple[int, int]:
+        """(drafts accepted, the token after them). Logits only for the normal rows."""
         logits = self.mtp.head_logits(hidden[layout.normal_rows()])
         if self.sampling.greedy:
             accepted, bonus = accept_greedy(drafts.tokens, logits.argmax(dim=-1).tolist())
         else:
             accepted, bonus = accept_sampling(drafts.tokens, drafts.probs, warped_probs(logits, self.sampling),
                                               self.generator)
-        return accepted, bonus, self._next_drafts(hidden, layout, head=accepted, bonus=bonus)
+        return accepted, bonus
 
-    def _first_token(self, hidden: torch.Tensor, layout: Layout) -> tuple[int, DraftProposal]:
+    def _first_token(self, hidden: torch.Tensor, layout: Layout) -> int:
         """Prefill: the first token comes from the normal head at the last prompt row."""
         last_row = layout.normal_rows()[-1:]
         logits = self.mtp.head_logits(hidden[last_row])[0]
         if self.sampling.greedy:
-            token = int(logits.argmax())
-        else:
-            token = sample(warped_probs(logits, self.sampling), self.generator)
-        return token, self._next_drafts(hidden, layout, head=int(layout.normal_index[last_row]), bonus=token)
+            return int(logits.argmax())
+        return sample(warped_probs(logits, self.sampling), self.generator)
 
     def _next_drafts(self, hidden: torch.Tensor, layout: Layout, head: int, bonus: int) -> DraftProposal:
         rows = layout.block_rows(head) if self.k else torch.empty(0, dtype=torch.long)
