@@ -1,5 +1,6 @@
 """MTPModel: gate exactness, the one-pass layout, adapter files, which parameters train."""
 
+import copy
 import json
 
 import pytest
@@ -63,40 +64,27 @@ def test_gate_exactness_tiny(arch):
 @pytest.mark.slow
 def test_gate_exactness_smollm(smollm):
     model, tok = smollm
-    mtp = randomize_adapter_(MTPModel(model, tok, MTPConfig(k=4, rank=8)), scale=0.02)
-    try:
-        ids = tok("The quick brown fox jumps over the lazy dog because", return_tensors="pt").input_ids
-        n = ids.shape[1]
-        layout = build_layout(n, range(n), 4)
-        hidden, logits = _normal_outputs(mtp, ids, layout)
-        bare_hidden, bare_logits = _normal_outputs(mtp, ids, build_layout(n, [], 4))
-        with torch.no_grad():
-            ref = model(ids)
-        assert torch.equal(bare_logits, ref.logits[0])
-        # Same rows with the gate off: bit-identical hidden states and logits.
-        with torch.no_grad():
-            token_ids = ids[:, layout.normal_index.clamp(min=0)]
-            embeds = mtp.embed_rows(token_ids, layout.mask_slot[None])
-            mask = mtp.model_attention_mask(layout.attention[None], layout.position_ids[None],
-                                            layout.key_positions[None], embeds.dtype)
-            plain = model.get_decoder()(inputs_embeds=embeds, position_ids=layout.position_ids[None],
-                                        attention_mask=mask).last_hidden_state[0, layout.normal_rows()]
-        assert torch.equal(hidden, plain)
-        assert torch.equal(logits, mtp.head_logits(plain))
-        # Different row count from `model(ids)` changes summation order only.
-        torch.testing.assert_close(logits, ref.logits[0], atol=1e-4, rtol=0)
-    finally:
-        _unwrap(mtp)
-
-
-def _unwrap(mtp):
-    """Put the shared session model back to plain linear layers."""
-    from maskspec.model.gated_lora import GatedLoRALinear
-
-    for parent in list(mtp.model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, GatedLoRALinear):
-                setattr(parent, name, child.base)
+    mtp = randomize_adapter_(MTPModel(copy.deepcopy(model), tok, MTPConfig(k=4, rank=8)), scale=0.02)
+    ids = tok("The quick brown fox jumps over the lazy dog because", return_tensors="pt").input_ids
+    n = ids.shape[1]
+    layout = build_layout(n, range(n), 4)
+    hidden, logits = _normal_outputs(mtp, ids, layout)
+    bare_hidden, bare_logits = _normal_outputs(mtp, ids, build_layout(n, [], 4))
+    with torch.no_grad():
+        ref = model(ids)
+    assert torch.equal(bare_logits, ref.logits[0])
+    # Same rows with the gate off: bit-identical hidden states and logits.
+    with torch.no_grad():
+        token_ids = ids[:, layout.normal_index.clamp(min=0)]
+        embeds = mtp.embed_rows(token_ids, layout.mask_slot[None])
+        mask = mtp.model_attention_mask(layout.attention[None], layout.position_ids[None],
+                                        layout.key_positions[None], embeds.dtype)
+        plain = model.get_decoder()(inputs_embeds=embeds, position_ids=layout.position_ids[None],
+                                    attention_mask=mask).last_hidden_state[0, layout.normal_rows()]
+    assert torch.equal(hidden, plain)
+    assert torch.equal(logits, mtp.head_logits(plain))
+    # Different row count from `model(ids)` changes summation order only.
+    torch.testing.assert_close(logits, ref.logits[0], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
