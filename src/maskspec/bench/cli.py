@@ -12,7 +12,7 @@ from maskspec.errors import MaskspecError
 
 BENCH_HELP = """Benchmark maskspec decoding against Hugging Face greedy generation and prompt lookup.
 
-Every method runs on the same chat-templated prompts, interleaved per prompt, after a warm-up. Writes
+Every method runs on the same chat-templated prompts, interleaved per prompt, after a warm-up. Writes \
 results.json, records.jsonl, report.md and PNG plots to --out and prints the tables."""
 
 
