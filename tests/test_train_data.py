@@ -41,7 +41,8 @@ def test_assistant_tokens_only(tokenizer):
     ids, labelled = assistant_mask(tokenizer, CHAT, [tokenizer.eos_token_id])
     assert ids == tokenizer(tokenizer.apply_chat_template(CHAT, tokenize=False), add_special_tokens=False)["input_ids"]
     spans = _spans(labelled)
-    assert [tokenizer.decode(ids[a:b]) for a, b in spans] == ["Hello! How can I help?<|im_end|>", "2 + 3 = 5.<|im_end|>"]
+    assert [tokenizer.decode(ids[a:b]) for a, b in spans] == ["Hello! How can I help?<|im_end|>",
+                                                               "2 + 3 = 5.<|im_end|>"]
     # What precedes each span is exactly the generation prompt the model sees at inference.
     for (a, _), upto in zip(spans, (2, 4)):
         prompt = tokenizer.apply_chat_template(CHAT[:upto], tokenize=False, add_generation_prompt=True)

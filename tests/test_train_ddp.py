@@ -38,7 +38,8 @@ def test_two_process_run_matches_single_process(tmp_path):
     one.mkdir()
     # On a CPU-only machine `--multi_gpu` makes accelerate start the processes with torchrun (gloo backend);
     # `--cpu` alone would start a single process unless an MPI hostfile is given.
-    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no",
               "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(SCRIPT), str(two), "1", "2"]
     proc = subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -7,7 +7,9 @@ and with gradient checkpointing the forward runs again inside backward: DDP's bu
 (find_unused_parameters when a loss is switched off, re-entrant backward) and buy nothing here. Instead each
 process computes its share of the *globally normalised* loss and one flat all-reduce (sum) of the adapter
 gradients per optimizer step gives every process the exact gradient of the global batch, so all processes
-apply the same update and keep identical weights.
+apply the same update and keep identical weights. On a machine without GPUs, start the processes with
+`accelerate launch --multi_gpu --num_processes N` (torchrun, gloo backend): `--cpu` alone starts one process
+unless an MPI hostfile is given.
 
 Data order is a pure function of (seed, position in the stream): epoch e is a seeded permutation of the
 examples and optimizer step s consumes positions [s * G, (s + 1) * G) of the stream, G = batch_size * grad_accum
@@ -289,11 +291,16 @@ def save_checkpoint(out: Path, step: int, mtp, optimizer, scheduler, cfg: TrainC
     return final
 
 
-def load_checkpoint(folder: Path, mtp, optimizer, scheduler, rank: int) -> int:
+def load_checkpoint(folder: Path, mtp, optimizer, scheduler, rank: int, expected_global_batch: int = 0) -> int:
     from maskspec.adapter import load_adapter
 
     load_adapter(mtp, folder / "adapter")
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    saved = json.loads(state.get("config", "{}"))
+    saved_batch = saved.get("batch_size", 0) * saved.get("grad_accum", 0) * int(state.get("world_size", 0))
+    if saved_batch and saved_batch != expected_global_batch:
+        warnings.warn(f"{folder} was written with {saved_batch} sequences per step, this run takes "
+                      f"{expected_global_batch}: the data order will not continue exactly", stacklevel=2)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng_file = folder / f"rng-rank{rank}.pt"
@@ -458,7 +465,8 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     start_step = 0
     if cfg.resume and existing:
-        start_step = load_checkpoint(existing[-1][1], mtp, optimizer, scheduler, rank)
+        start_step = load_checkpoint(existing[-1][1], mtp, optimizer, scheduler, rank,
+                                     cfg.batch_size * cfg.grad_accum * world)
         if start_step >= cfg.steps and main:
             warnings.warn(f"checkpoint is at step {start_step}, not below --steps {cfg.steps}", stacklevel=2)
 
