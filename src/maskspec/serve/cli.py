@@ -1,0 +1,71 @@
+"""`maskspec serve`: an OpenAI-compatible HTTP server with continuous batching."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+
+from maskspec.decode.speculative import MODES
+from maskspec.errors import MaskspecError
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise typer.BadParameter(f"choose one of {', '.join(MODES)}")
+    return mode
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve_cmd(
+        model: str = typer.Option("default", "--model", "-m", help="HF id, local folder, or 'default'."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="Adapter folder, or 'default'."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
+        port: int = typer.Option(8000, "--port", min=0, max=65535),
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MASKSPEC_API_KEY",
+                                              help="Require 'Authorization: Bearer KEY' on /v1 endpoints."),
+        max_batch: int = typer.Option(8, "--max-batch", min=1, help="Requests decoded together."),
+        max_queue: int = typer.Option(64, "--max-queue", min=0,
+                                      help="Requests allowed to wait for a slot; beyond it: 429."),
+        max_new_tokens_limit: int = typer.Option(1024, "--max-new-tokens-limit", min=1,
+                                                 help="Largest max_tokens a request may ask for."),
+        mode: str = typer.Option("quadratic", "--mode", callback=_check_mode, help="quadratic | linear | ar"),
+        k: Optional[int] = typer.Option(None, "--k", help="Drafts per step (default: the adapter's k)."),
+        dtype: str = typer.Option("fp32", "--dtype"),
+        device: str = typer.Option("cpu", "--device"),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+        log_level: str = typer.Option("info", "--log-level"),
+    ) -> None:
+        """Serve the model over an OpenAI-compatible API (chat and text completions, streaming)."""
+        try:
+            import uvicorn
+
+            from maskspec.serve.app import build_server
+        except ImportError as exc:
+            raise MaskspecError(f"the server needs FastAPI and uvicorn ({exc.name} is missing): "
+                                "pip install 'maskspec[serve]'") from None
+        import torch
+
+        from maskspec.decode.cli import load_for_cli
+
+        if threads:
+            torch.set_num_threads(threads)
+        mtp, mode = load_for_cli(model, adapter, mode, dtype, device)
+        if mode != "ar" and k is not None and not 1 <= k <= mtp.k:
+            raise MaskspecError(f"--k must be in 1..{mtp.k} (the adapter's k), got {k}")
+        if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+            typer.secho(f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
+                        err=True, fg=typer.colors.YELLOW)
+        app, scheduler = build_server(mtp, mode=mode, k=k, max_batch=max_batch, max_queue=max_queue,
+                                      max_new_tokens_limit=max_new_tokens_limit, api_key=api_key,
+                                      model_name=os.path.basename(str(model).rstrip("/")) if model != "default"
+                                      else mtp.model_name)
+        typer.secho(f"maskspec serve: {mtp.model_name}, mode {mode}"
+                    f"{'' if mode == 'ar' else f', k {k or mtp.k}'}, max batch {max_batch}, "
+                    f"http://{host}:{port}/v1", err=True)
+        try:
+            uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="off")
+        finally:
+            scheduler.stop()

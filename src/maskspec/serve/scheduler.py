@@ -1,0 +1,226 @@
+"""The scheduler: one thread runs the batched decoder over the active requests (continuous batching).
+
+Requests wait in a bounded queue; between decoding passes the scheduler admits waiting requests up to
+`max_batch`, drops cancelled ones (clients that went away) and turns each step's tokens into text deltas
+(stop strings and EOS handled as in `maskspec.decode.api.stream`). Results go back to the asyncio handlers
+through `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from maskspec.decode.api import _TextTracker
+from maskspec.decode.batched import BatchedDecoder, BatchSequence
+from maskspec.decode.verify import SamplingConfig
+from maskspec.model.mtp import MTPModel
+from maskspec.serve.metrics import ServerMetrics
+
+log = logging.getLogger("maskspec.serve")
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server accepts."""
+
+
+@dataclass
+class Delta:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Final:
+    finish_reason: str  # "stop" | "length" (OpenAI's words)
+    prompt_tokens: int
+    completion_tokens: int
+    forward_passes: int
+    tokens_per_pass: float
+    accepted_histogram: list[int]
+    seconds: float
+
+
+@dataclass
+class Failure:
+    message: str
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    loop: asyncio.AbstractEventLoop | None = None
+    queue: asyncio.Queue | None = None
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    sequence: BatchSequence | None = None
+    text: Any = None
+    first_token_at: float | None = None
+
+    def deliver(self, item: Delta | Final | Failure) -> None:
+        if self.loop is None or self.queue is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed (server shutting down)
+            pass
+
+
+class Scheduler:
+    def __init__(self, mtp: MTPModel, mode: str = "quadratic", k: int | None = None, max_batch: int = 8,
+                 max_queue: int = 64, metrics: ServerMetrics | None = None) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.mtp = mtp
+        self.mode = mode
+        self.k = k
+        self.decoder = BatchedDecoder(mtp, mode=mode, k=k)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.metrics = metrics or ServerMetrics()
+        self.metrics.queue_depth.read = lambda: len(self.waiting)
+        self.metrics.active.read = lambda: len(self.active)
+        self.waiting: collections.deque[GenerationRequest] = collections.deque()
+        self.active: list[GenerationRequest] = []
+        self.cond = threading.Condition()
+        self._stop = False
+        self._paused = False
+        self.thread = threading.Thread(target=self._loop, name="maskspec-scheduler", daemon=True)
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> "Scheduler":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cond:
+            self._stop = True
+            self.cond.notify_all()
+        self.thread.join(timeout=30)
+
+    def pause(self) -> None:
+        """Admit nothing new (running requests go on); tests use it to fill the queue deterministically."""
+        with self.cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self.cond:
+            self._paused = False
+            self.cond.notify_all()
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request, or raise QueueFull at once."""
+        with self.cond:
+            free_slots = 0 if self._paused else max(0, self.max_batch - len(self.active))
+            if len(self.waiting) >= self.max_queue + free_slots:
+                self.metrics.rejected.inc()
+                raise QueueFull(f"the server is busy: {len(self.waiting)} requests are already waiting")
+            self.waiting.append(request)
+            self.cond.notify_all()
+
+    def cancel(self, request: GenerationRequest) -> None:
+        """The client went away: free its slot before the next pass."""
+        with self.cond:
+            request.cancelled = True
+            if request in self.waiting:
+                self.waiting.remove(request)
+            self.cond.notify_all()
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self._stop and not self._has_work():
+                    self.cond.wait()
+                if self._stop:
+                    break
+                self._admit()
+                for req in [r for r in self.active if r.cancelled]:
+                    if not req.sequence.finished:
+                        self.decoder.cancel(req.sequence)
+                    self.metrics.finished.inc(1, "cancelled")
+                    self.active.remove(req)
+            if not self.decoder.has_work():
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # keep serving: fail the requests of this batch, start a fresh decoder
+                log.exception("decoding step failed")
+                with self.cond:
+                    failed, self.active = self.active, []
+                    self.decoder = BatchedDecoder(self.mtp, mode=self.mode, k=self.k)
+                for req in failed:
+                    req.deliver(Failure(f"decoding failed: {type(exc).__name__}: {exc}"))
+
+    def _has_work(self) -> bool:
+        return bool(self.active) or (bool(self.waiting) and not self._paused)
+
+    def _admit(self) -> None:
+        while self.waiting and not self._paused and len(self.active) < self.max_batch:
+            req = self.waiting.popleft()
+            if req.cancelled:
+                continue
+            req.text = _TextTracker(self.mtp.tokenizer)
+            req.sequence = self.decoder.add(req.prompt_ids, req.max_new_tokens, sampling=req.sampling,
+                                            seed=req.seed, tag=req)
+            self.active.append(req)
+
+    def _step(self) -> None:
+        running = len(self.decoder.running)
+        prefilling = len(self.decoder.pending)
+        events = self.decoder.step()
+        self.metrics.forward_passes.inc(int(running > 0) + int(prefilling > 0))
+        if running:
+            self.metrics.batch_size.observe(running)
+        now = time.perf_counter()
+        done = []
+        for ev in events:
+            req: GenerationRequest = ev.sequence.tag
+            seq = ev.sequence
+            if req.cancelled:
+                done.append(req)
+                continue
+            if ev.tokens and req.first_token_at is None:
+                req.first_token_at = now
+                self.metrics.first_token.observe(now - req.arrived)
+            delta, stop_hit = req.text.add(ev.tokens, req.stop)
+            if stop_hit and not seq.finished:
+                self.decoder.cancel(seq, "stop")
+            elif stop_hit:
+                seq.stats.finish_reason = "stop"
+            if seq.finished and not stop_hit:
+                delta += req.text.flush()
+            if delta or ev.tokens:
+                req.deliver(Delta(delta, list(ev.tokens)))
+            if seq.finished:
+                done.append(req)
+                self._finish(req, now)
+        if done:
+            with self.cond:
+                self.active = [r for r in self.active if r not in done]
+
+    def _finish(self, req: GenerationRequest, now: float) -> None:
+        s = req.sequence.stats
+        reason = {"eos": "stop", "stop": "stop"}.get(s.finish_reason, "length")
+        completion = len(req.text.token_ids)
+        m = self.metrics
+        m.prompt_tokens.inc(len(req.prompt_ids))
+        m.generated_tokens.inc(completion)
+        m.sequence_passes.inc(s.forward_passes)
+        m.finished.inc(1, s.finish_reason)
+        tau = completion / s.forward_passes if s.forward_passes else 0.0
+        m.tokens_per_pass.observe(tau)
+        m.latency.observe(now - req.arrived)
+        req.deliver(Final(reason, len(req.prompt_ids), completion, s.forward_passes, tau,
+                          list(s.accepted_histogram), now - req.arrived))
