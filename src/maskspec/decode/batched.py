@@ -121,6 +121,7 @@ class BatchedDecoder:
             self._close_stats(seq)
         if seq in self.pending:
             self.pending.remove(seq)
+        self._drop_finished()  # frees its cache rows now (call between steps)
 
     @property
     def active(self) -> int:

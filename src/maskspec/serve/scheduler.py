@@ -184,11 +184,14 @@ class Scheduler:
         if running:
             self.metrics.batch_size.observe(running)
         now = time.perf_counter()
-        done = []
+        done, finals = [], []
         for ev in events:
             req: GenerationRequest = ev.sequence.tag
             seq = ev.sequence
-            if req.cancelled:
+            if req.cancelled:  # the client left during this step
+                if not seq.finished:
+                    self.decoder.cancel(seq)
+                self.metrics.finished.inc(1, "cancelled")
                 done.append(req)
                 continue
             if ev.tokens and req.first_token_at is None:
@@ -205,12 +208,14 @@ class Scheduler:
                 req.deliver(Delta(delta, list(ev.tokens)))
             if seq.finished:
                 done.append(req)
-                self._finish(req, now)
+                finals.append((req, self._finish(req, now)))
         if done:
             with self.cond:
                 self.active = [r for r in self.active if r not in done]
+        for req, final in finals:  # after the slot is free, so a client that got its answer sees it free
+            req.deliver(final)
 
-    def _finish(self, req: GenerationRequest, now: float) -> None:
+    def _finish(self, req: GenerationRequest, now: float) -> Final:
         s = req.sequence.stats
         reason = {"eos": "stop", "stop": "stop"}.get(s.finish_reason, "length")
         completion = len(req.text.token_ids)
@@ -222,5 +227,5 @@ class Scheduler:
         tau = completion / s.forward_passes if s.forward_passes else 0.0
         m.tokens_per_pass.observe(tau)
         m.latency.observe(now - req.arrived)
-        req.deliver(Final(reason, len(req.prompt_ids), completion, s.forward_passes, tau,
-                          list(s.accepted_histogram), now - req.arrived))
+        return Final(reason, len(req.prompt_ids), completion, s.forward_passes, tau, list(s.accepted_histogram),
+                     now - req.arrived)
