@@ -83,6 +83,7 @@ def test_bench_end_to_end(tiny_folders, tmp_path):
         assert r["prompts"] == (2 if r["domain"] == "all" else 1) and r["repeats"] == 2
         assert 1 <= r["new_tokens"] <= 8 * r["prompts"]
         assert r["exact_match"] == 1.0, r  # greedy: every method reproduces hf greedy
+        assert r["exact_match_vs_ar"] == (1.0 if r["method"] in ("ar", "maskspec") else None)
         assert r["tokens_per_second"] > 0 and r["speedup_vs_hf"] > 0
         if r["method"] in ("hf", "ar"):
             assert r["forward_passes"] == r["new_tokens"] and r["tokens_per_pass"] == 1.0

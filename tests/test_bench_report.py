@@ -85,7 +85,8 @@ def test_aggregate_tau_speedup_exact_match(records):
 
     assert mismatches == [{"prompt_id": "p3", "domain": "code", "method": "maskspec", "mode": "quadratic", "k": 2,
                            "label": "quadratic k=2", "repeat": 0, "first_difference": 3, "new_tokens": 6,
-                           "baseline_new_tokens": 6}]
+                           "baseline_new_tokens": 6, "matches_ar": None}]
+    assert row(rows, "code", "quadratic k=2")["exact_match_vs_ar"] is None  # mode ar did not run
 
 
 def test_aggregate_accuracy(records):
@@ -111,6 +112,19 @@ def test_aggregate_repeats_mean_and_spread():
     hf = row(rows, "chat", "hf")
     assert hf["tokens_per_second"] == 1.5 and hf["tokens_per_second_std"] == pytest.approx(math.sqrt(0.5))
     assert mismatches == []
+
+
+def test_exact_match_vs_reference_loop():
+    """A mismatch against hf that mode ar shares is numerics of the forward; one ar does not share is drafting."""
+    records = [
+        rec("p", "chat", "hf", [1, 2, 3], 3, 1.0), rec("p", "chat", "ar", [1, 2, 9], 3, 1.0, mode="ar"),
+        q2("p", "chat", [1, 2, 9], 2, 1.0), rec("p", "chat", "maskspec", [1, 5, 9], 2, 1.0, mode="linear", k=2),
+    ]
+    rows, mismatches = aggregate(records)
+    assert [(r["label"], r["exact_match"], r["exact_match_vs_ar"]) for r in rows if r["domain"] == "chat"] == [
+        ("hf", 1.0, None), ("ar", 0.0, 1.0), ("quadratic k=2", 0.0, 1.0), ("linear k=2", 0.0, 0.0)]
+    assert [(m["label"], m["first_difference"], m["matches_ar"]) for m in mismatches] == [
+        ("ar", 2, None), ("quadratic k=2", 2, True), ("linear k=2", 1, False)]
 
 
 def test_sampling_has_no_exact_match_or_mismatches(records):

@@ -68,6 +68,8 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
     from maskspec.model.mtp import MTPConfig, MTPModel
 
     console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough for the tables instead of rich's 80 columns
+        console.width = max(console.width, 140)
     ks = _parse_ks(k)
     mode_list = _check_choices("--modes", _split(modes), MODES)
     baseline_list = _check_choices("--baselines", _split(baselines), BASELINES)
@@ -156,13 +158,14 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
     report.write_report_md(out / "report.md", rows, mismatches, system, config, notes,
                            [str(p) for p in plot_files])
 
-    _print_tables(console, report.tables(rows)[:2] if len(rows) > 1 else report.tables(rows))
+    _print_tables(console, report.tables(rows))
     if temperature == 0:
         if mismatches:
             console.print(f"[red]{len(mismatches)} greedy output(s) differ from hf greedy:[/red]")
             for m in mismatches:
+                note = {None: "", True: " (same as mode ar)", False: " (differs from mode ar too)"}[m["matches_ar"]]
                 console.print(f"  {m['domain']}/{m['prompt_id']} {m['label']} repeat {m['repeat']}: "
-                              f"first difference at token {m['first_difference']}")
+                              f"first difference at token {m['first_difference']}{note}")
         else:
             console.print("[green]exact match: every greedy method reproduced hf greedy on every prompt[/green]")
     console.print(f"results: {out / 'results.json'}, report: {out / 'report.md'}")
