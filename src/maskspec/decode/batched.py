@@ -172,7 +172,6 @@ class BatchedDecoder:
         start = time.perf_counter()
         specs = [(s.prompt_ids, self._block_heads(len(s.prompt_ids), prefill=True)) for s in seqs]
         hidden, layouts, cache = self._forward(seqs, None, specs)
-        device = self.mtp.device
         last = torch.stack([hidden[b, len(s.prompt_ids) - 1] for b, s in enumerate(seqs)])
         logits = self.mtp.head_logits(last)
         firsts = []

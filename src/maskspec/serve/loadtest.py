@@ -1,0 +1,110 @@
+"""Throughput benchmark of the server: tokens/s over all clients for several concurrency levels and modes.
+
+    python -m maskspec.serve.loadtest [--model default] [--adapter A] [--clients 1,4,16] [--modes quadratic,ar]
+
+Each (mode, clients) cell starts the server in-process on a free 127.0.0.1 port (uvicorn in a thread), sends a
+warm-up request, then lets every client send `--requests` greedy chat requests one after the other (distinct
+prompts, up to `--max-tokens` each or EOS). Throughput = completion tokens of all requests / wall time of the
+cell. Without --adapter the shipped adapter is used when there is one, else a random adapter (tokens/pass then
+stays near 1: the numbers show the overhead, not the gain, of speculation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import torch
+
+TOPICS = ["the ocean", "a small town", "prime numbers", "the history of tea", "learning to cook", "rain",
+          "a city at night", "the moon", "trees in autumn", "a robot", "a long train journey", "bread",
+          "music", "the desert", "friendship", "winter mornings"]
+
+
+def load(model: str, adapter: str | None, k: int, dtype: str, device: str) -> tuple[object, str]:
+    from maskspec.adapter import shipped_adapter_available
+    from maskspec.hub import is_default_model
+    from maskspec.model.mtp import MTPConfig, MTPModel, randomize_adapter_
+
+    if adapter is None and is_default_model(model) and shipped_adapter_available():
+        adapter = "default"
+    if adapter is not None:
+        return MTPModel.from_pretrained(model, adapter=adapter, dtype=dtype, device=device), f"adapter {adapter}"
+    mtp = MTPModel.from_pretrained(model, config=MTPConfig(k=k, rank=16), dtype=dtype, device=device)
+    randomize_adapter_(mtp, seed=0, scale=0.02)
+    return mtp, f"random adapter (k={k}; none trained/shipped)"
+
+
+def run_cell(mtp: object, mode: str, clients: int, requests: int, max_tokens: int, max_batch: int) -> dict:
+    from maskspec.serve.app import BackgroundServer, build_server
+
+    app, scheduler = build_server(mtp, mode=mode, max_batch=max_batch, max_queue=1024,
+                                  max_new_tokens_limit=max_tokens)
+    try:
+        with BackgroundServer(app) as url:
+            def ask(i: int) -> dict:
+                body = {"messages": [{"role": "user", "content": f"Write a short story about {TOPICS[i % 16]}."}],
+                        "max_tokens": max_tokens, "temperature": 0}
+                r = httpx.post(url + "/v1/chat/completions", json=body, timeout=3600)
+                r.raise_for_status()
+                return r.json()
+
+            ask(0)  # warm-up
+            start = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=clients) as pool:
+                results = list(pool.map(lambda c: [ask(c * requests + j) for j in range(requests)],
+                                        range(clients)))
+            wall = time.perf_counter() - start
+    finally:
+        scheduler.stop()
+    flat = [r for rs in results for r in rs]
+    tokens = sum(r["usage"]["completion_tokens"] for r in flat)
+    passes = sum(r["maskspec"]["forward_passes"] for r in flat)
+    return {"mode": mode, "clients": clients, "requests": len(flat), "tokens": tokens, "seconds": round(wall, 2),
+            "tokens_per_second": round(tokens / wall, 2), "tokens_per_pass": round(tokens / passes, 3),
+            "mean_latency_s": round(statistics.mean(r["maskspec"]["seconds"] for r in flat), 2)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--k", type=int, default=4, help="k of the random adapter (when no adapter is used)")
+    p.add_argument("--clients", default="1,4,16")
+    p.add_argument("--modes", default="quadratic,ar")
+    p.add_argument("--requests", type=int, default=1, help="requests per client")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mtp, adapter_note = load(args.model, args.adapter, args.k, args.dtype, args.device)
+    print(f"model {mtp.model_name}, {adapter_note}, device {args.device}, torch threads {torch.get_num_threads()}, "
+          f"max_tokens {args.max_tokens}, {args.requests} request(s) per client, max batch {args.max_batch}",
+          flush=True)
+    rows = []
+    for mode in args.modes.split(","):
+        for clients in [int(c) for c in args.clients.split(",")]:
+            row = run_cell(mtp, mode, clients, args.requests, args.max_tokens, args.max_batch)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print("\n| mode | clients | requests | tokens | seconds | tokens/s | tokens/pass | mean latency s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['seconds']} | "
+              f"{r['tokens_per_second']} | {r['tokens_per_pass']} | {r['mean_latency_s']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"adapter": adapter_note, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
