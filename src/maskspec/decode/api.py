@@ -81,7 +81,7 @@ def stream(mtp: MTPModel, prompt: Prompt, *, max_new_tokens: int = 256, mode: st
                                  sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p),
                                  seed=seed)
     stats = GenerationStats()
-    text = _TextTracker(mtp.tokenizer)
+    text = TextTracker(mtp.tokenizer)
     finish = "length" if budget == max_new_tokens else "context"
     steps = decoder.run(prompt_ids, budget, stats)
     try:
@@ -131,7 +131,7 @@ def generate(mtp: MTPModel, prompt: Prompt = None, *, streamer: Callable[[Stream
     return GenerationOutput(sequences=sequences, new_token_ids=tokens, text=text, stats=stats)
 
 
-class _TextTracker:
+class TextTracker:
     """Incremental detokenisation: text deltas that never split a multi-byte character, and stop strings cut
     before they appear (the tokens that completed a stop string stay in `token_ids`)."""
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from maskspec.decode.api import _TextTracker
+from maskspec.decode.api import TextTracker
 from maskspec.decode.batched import BatchedDecoder, BatchSequence
 from maskspec.decode.verify import SamplingConfig
 from maskspec.model.mtp import MTPModel
@@ -171,7 +171,7 @@ class Scheduler:
             req = self.waiting.popleft()
             if req.cancelled:
                 continue
-            req.text = _TextTracker(self.mtp.tokenizer)
+            req.text = TextTracker(self.mtp.tokenizer)
             req.sequence = self.decoder.add(req.prompt_ids, req.max_new_tokens, sampling=req.sampling,
                                             seed=req.seed, tag=req)
             self.active.append(req)
