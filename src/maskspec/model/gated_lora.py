@@ -19,19 +19,29 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 
 
 class GateState:
-    """Flat (batch * sequence) indices of the rows where LoRA is on, for the duration of one call."""
+    """Flat (batch * sequence) indices of the rows where LoRA is on, for the duration of one call.
+    `span` is (start, stop) when those rows are contiguous (a decoding step puts every mask row last), so
+    the layers can slice instead of gather and scatter, which is several times faster on CPU."""
 
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None
+        self.span: tuple[int, int] | None = None
 
     @contextmanager
     def active(self, rows: torch.Tensor | None) -> Iterator[None]:
-        previous = self.rows
-        self.rows = rows
+        previous = (self.rows, self.span)
+        self.rows, self.span = rows, _contiguous_span(rows)
         try:
             yield
         finally:
-            self.rows = previous
+            self.rows, self.span = previous
+
+
+def _contiguous_span(rows: torch.Tensor | None) -> tuple[int, int] | None:
+    if rows is None or rows.numel() == 0:
+        return None
+    first, last = int(rows[0]), int(rows[-1])
+    return (first, last + 1) if last - first + 1 == rows.numel() else None
 
 
 class GatedLoRALinear(nn.Module):
@@ -58,13 +68,21 @@ class GatedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        rows = self._gate.rows
+        rows, span = self._gate.rows, self._gate.span
         if rows is None or rows.numel() == 0:
             return out
-        flat_in = x.reshape(-1, x.shape[-1]).index_select(0, rows)
-        delta = self.lora_B(self.lora_A(self.dropout(flat_in))) * self.scale
-        flat_out = out.reshape(-1, out.shape[-1]).index_add(0, rows, delta.to(out.dtype))
-        return flat_out.view_as(out)
+        flat_x = x.reshape(-1, x.shape[-1])
+        flat_out = out.view(-1, out.shape[-1])  # a view: the updates below land in `out`
+        # `out` is this call's fresh base output, which its backward does not need, so in-place is safe.
+        if span is not None:
+            start, stop = span
+            flat_out[start:stop] += self._delta(flat_x[start:stop]).to(out.dtype)
+        else:
+            flat_out.index_add_(0, rows, self._delta(flat_x.index_select(0, rows)).to(out.dtype))
+        return out
+
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
 
 def inject_gated_lora(model: nn.Module, target_modules: Sequence[str], rank: int, alpha: float, dropout: float,
