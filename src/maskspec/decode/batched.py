@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from transformers import DynamicCache
 
-from maskspec.decode.speculative import MODES, DraftProposal
+from maskspec.decode.speculative import DraftProposal, drafts_per_step
 from maskspec.decode.types import GenerationStats
 from maskspec.decode.verify import SamplingConfig, accept_greedy, accept_sampling, sample, warped_probs
 from maskspec.model.layout import Layout, build_layout
@@ -73,14 +73,9 @@ class BatchedDecoder:
     sequences (plus one prefill pass for the newcomers) and reports the new tokens."""
 
     def __init__(self, mtp: MTPModel, mode: str = "quadratic", k: int | None = None) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        k = mtp.k if k is None else k
-        if mode != "ar" and not 1 <= k <= mtp.k:
-            raise ValueError(f"k must be in 1..{mtp.k} (the adapter's k), got {k}")
         self.mtp = mtp
         self.mode = mode
-        self.k = k if mode != "ar" else 0
+        self.k = drafts_per_step(mtp, mode, k)
         self.running: list[BatchSequence] = []
         self.pending: list[BatchSequence] = []
         self.cache: DynamicCache | None = None  # batch order = self.running

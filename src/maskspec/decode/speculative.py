@@ -53,19 +53,24 @@ def propose_drafts(mtp: MTPModel, latents: torch.Tensor, prev_token: int, cfg: S
     return proposal
 
 
+def drafts_per_step(mtp: MTPModel, mode: str, k: int | None) -> int:
+    """The k a decoder runs with: the adapter's k by default, 0 for the reference loop."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    k = mtp.k if k is None else k
+    if mode != "ar" and not 1 <= k <= mtp.k:
+        raise ValueError(f"k must be in 1..{mtp.k} (the adapter's k), got {k}")
+    return k if mode != "ar" else 0
+
+
 class SpeculativeDecoder:
     """Generates token chunks from a prompt; every chunk is verified output. Single sequence."""
 
     def __init__(self, mtp: MTPModel, mode: str = "quadratic", k: int | None = None,
                  sampling: SamplingConfig | None = None, seed: int | None = None) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        k = mtp.k if k is None else k
-        if mode != "ar" and not 1 <= k <= mtp.k:
-            raise ValueError(f"k must be in 1..{mtp.k} (the adapter's k), got {k}")
         self.mtp = mtp
         self.mode = mode
-        self.k = k if mode != "ar" else 0
+        self.k = drafts_per_step(mtp, mode, k)
         self.sampling = sampling or SamplingConfig()
         self.generator = None
         if not self.sampling.greedy:
