@@ -240,12 +240,6 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) 
     return ids
 
 
-def fresh_mtp(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None,
-              **config: Any) -> MTPModel:
-    """Convenience: wrap `model` with an untrained adapter of the given shape (k, rank, alpha, ...)."""
-    return MTPModel(model, tokenizer, MTPConfig(**config))
-
-
 def randomize_adapter_(mtp: MTPModel, seed: int = 0, scale: float = 0.05,
                        parts: Sequence[str] = ("lora", "sampler")) -> MTPModel:
     """Fill LoRA and sampler weights with random non-zero values (tests, ablations of an untrained adapter)."""
