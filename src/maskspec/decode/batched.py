@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from transformers import DynamicCache
 
-from maskspec.decode.speculative import DraftProposal, drafts_per_step
+from maskspec.decode.speculative import DraftProposal, drafts_per_step, step_block_heads
 from maskspec.decode.types import GenerationStats
 from maskspec.decode.verify import SamplingConfig, accept_greedy, accept_sampling, sample, warped_probs
 from maskspec.model.layout import Layout, build_layout
@@ -157,11 +157,7 @@ class BatchedDecoder:
 
     # ------------------------------------------------------------------ steps
     def _block_heads(self, num_normal: int, prefill: bool) -> list[int]:
-        if self.k == 0:
-            return []
-        if prefill or self.mode == "linear":
-            return [num_normal - 1]
-        return list(range(num_normal))
+        return step_block_heads(self.mode, self.k, num_normal, prefill)
 
     def _prefill(self, seqs: list[BatchSequence]) -> list[StepEvent]:
         start = time.perf_counter()

@@ -63,6 +63,16 @@ def drafts_per_step(mtp: MTPModel, mode: str, k: int | None) -> int:
     return k if mode != "ar" else 0
 
 
+def step_block_heads(mode: str, k: int, num_normal: int, prefill: bool) -> list[int]:
+    """Which normal rows of a step get a mask block: none for the reference loop; after the last row for the
+    prefill and for linear decoding; after every row (y0 and each draft) for quadratic decoding."""
+    if k == 0:
+        return []
+    if prefill or mode == "linear":
+        return [num_normal - 1]
+    return list(range(num_normal))
+
+
 class SpeculativeDecoder:
     """Generates token chunks from a prompt; every chunk is verified output. Single sequence."""
 
@@ -83,11 +93,7 @@ class SpeculativeDecoder:
         self.generated: list[int] = []  # verified output so far (the drafters' context)
 
     def _block_heads(self, num_normal: int, prefill: bool) -> list[int]:
-        if self.k == 0:
-            return []
-        if prefill or self.mode == "linear":
-            return [num_normal - 1]
-        return list(range(num_normal))
+        return step_block_heads(self.mode, self.k, num_normal, prefill)
 
     def _forward(self, tokens: list[int], heads: list[int], past_length: int) -> tuple[torch.Tensor, Layout]:
         layout = build_layout(len(tokens), heads, max(self.k, 1), past_length=past_length, normals_first=True,
