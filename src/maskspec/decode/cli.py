@@ -32,7 +32,8 @@ def load_for_cli(model: str, adapter: Optional[str], mode: str, dtype: str, devi
     return mtp, mode
 
 
-def _check_mode(mode: str) -> str:
+def check_mode(mode: str) -> str:
+    """Typer callback for --mode, shared by the commands that decode."""
     if mode not in MODES:
         raise typer.BadParameter(f"choose one of {', '.join(MODES)}")
     return mode
@@ -44,7 +45,7 @@ def register(app: typer.Typer) -> None:
         prompt: str = typer.Argument(..., help="The user message (the chat template is applied)."),
         model: str = typer.Option("default", "--model", "-m", help="HF id, local folder, or 'default'."),
         adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="Adapter folder, or 'default'."),
-        mode: str = typer.Option("quadratic", "--mode", callback=_check_mode, help="quadratic | linear | ar"),
+        mode: str = typer.Option("quadratic", "--mode", callback=check_mode, help="quadratic | linear | ar"),
         k: Optional[int] = typer.Option(None, "--k", help="Drafts per step (default: the adapter's k)."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=0),
         temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0),
@@ -82,7 +83,7 @@ def register(app: typer.Typer) -> None:
     def chat_cmd(
         model: str = typer.Option("default", "--model", "-m"),
         adapter: Optional[str] = typer.Option(None, "--adapter", "-a"),
-        mode: str = typer.Option("quadratic", "--mode", callback=_check_mode),
+        mode: str = typer.Option("quadratic", "--mode", callback=check_mode),
         k: Optional[int] = typer.Option(None, "--k"),
         max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1),
         temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0),

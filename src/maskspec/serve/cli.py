@@ -7,14 +7,8 @@ from typing import Optional
 
 import typer
 
-from maskspec.decode.speculative import MODES
+from maskspec.decode.cli import check_mode
 from maskspec.errors import MaskspecError
-
-
-def _check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise typer.BadParameter(f"choose one of {', '.join(MODES)}")
-    return mode
 
 
 def register(app: typer.Typer) -> None:
@@ -31,7 +25,7 @@ def register(app: typer.Typer) -> None:
                                       help="Requests allowed to wait for a slot; beyond it: 429."),
         max_new_tokens_limit: int = typer.Option(1024, "--max-new-tokens-limit", min=1,
                                                  help="Largest max_tokens a request may ask for."),
-        mode: str = typer.Option("quadratic", "--mode", callback=_check_mode, help="quadratic | linear | ar"),
+        mode: str = typer.Option("quadratic", "--mode", callback=check_mode, help="quadratic | linear | ar"),
         k: Optional[int] = typer.Option(None, "--k", help="Drafts per step (default: the adapter's k)."),
         dtype: str = typer.Option("fp32", "--dtype"),
         device: str = typer.Option("cpu", "--device"),
