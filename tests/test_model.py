@@ -68,6 +68,10 @@ def test_gate_exactness_smollm(smollm):
     ids = tok("The quick brown fox jumps over the lazy dog because", return_tensors="pt").input_ids
     n = ids.shape[1]
     layout = build_layout(n, range(n), 4)
+    # The model called directly is the stock model, whatever the decoding kernel setting.
+    with torch.no_grad():
+        assert torch.equal(mtp.model(ids).logits, model(ids).logits)
+    mtp.fast_kernels = False  # bitwise statements about the gate, with the stock kernel
     hidden, logits = _normal_outputs(mtp, ids, layout)
     bare_hidden, bare_logits = _normal_outputs(mtp, ids, build_layout(n, [], 4))
     with torch.no_grad():
@@ -85,6 +89,18 @@ def test_gate_exactness_smollm(smollm):
     assert torch.equal(logits, mtp.head_logits(plain))
     # Different row count from `model(ids)` changes summation order only.
     torch.testing.assert_close(logits, ref.logits[0], atol=1e-4, rtol=0)
+
+    # The decoding kernel: the gate isolates the normal rows just as well (bitwise, same rows, same kernel),
+    # and the result differs from the stock kernel by rounding only.
+    mtp.fast_kernels = True
+    fast_hidden, fast_logits = _normal_outputs(mtp, ids, layout)
+    with torch.no_grad(), mtp.gate.active(torch.empty(0, dtype=torch.long), fast_linear=True):
+        fast_plain = mtp.model.get_decoder()(
+            inputs_embeds=embeds, position_ids=layout.position_ids[None], attention_mask=mask
+        ).last_hidden_state[0, layout.normal_rows()]
+    assert torch.equal(fast_hidden, fast_plain)
+    assert not torch.equal(fast_hidden, hidden)  # the other kernel really ran
+    torch.testing.assert_close(fast_logits, logits, atol=5e-4, rtol=0)  # logits ~15: ~1e-5 relative
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])

@@ -15,26 +15,30 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from maskspec.model.kernels import linear
+
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class GateState:
     """Flat (batch * sequence) indices of the rows where LoRA is on, for the duration of one call.
     `span` is (start, stop) when those rows are contiguous (a decoding step puts every mask row last), so
-    the layers can slice instead of gather and scatter, which is several times faster on CPU."""
+    the layers can slice instead of gather and scatter, which is several times faster on CPU.
+    `fast_linear` asks the layers for the decoding kernel of `maskspec.model.kernels` during the call."""
 
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None
         self.span: tuple[int, int] | None = None
+        self.fast_linear = False
 
     @contextmanager
-    def active(self, rows: torch.Tensor | None) -> Iterator[None]:
-        previous = (self.rows, self.span)
-        self.rows, self.span = rows, _contiguous_span(rows)
+    def active(self, rows: torch.Tensor | None, fast_linear: bool = False) -> Iterator[None]:
+        previous = (self.rows, self.span, self.fast_linear)
+        self.rows, self.span, self.fast_linear = rows, _contiguous_span(rows), fast_linear
         try:
             yield
         finally:
-            self.rows, self.span = previous
+            self.rows, self.span, self.fast_linear = previous
 
 
 def _contiguous_span(rows: torch.Tensor | None) -> tuple[int, int] | None:
@@ -67,14 +71,22 @@ class GatedLoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        if type(self.base) is nn.Linear:
+            out = linear(x, self.base.weight, self.base.bias, fast=self._gate.fast_linear)
+        else:  # a subclass (quantised, say) keeps its own forward
+            out = self.base(x)
         rows, span = self._gate.rows, self._gate.span
         if rows is None or rows.numel() == 0:
             return out
         flat_x = x.reshape(-1, x.shape[-1])
         flat_out = out.view(-1, out.shape[-1])  # a view: the updates below land in `out`
         # `out` is this call's fresh base output, which its backward does not need, so in-place is safe.
-        if span is not None:
+        if span is not None and not torch.is_grad_enabled():
+            # Decoding: one fused multiply-add into the mask rows, no temporaries for the scaled delta.
+            start, stop = span
+            low_rank = self.lora_A(flat_x[start:stop])
+            flat_out[start:stop].addmm_(low_rank, self.lora_B.weight.t(), alpha=self.scale)
+        elif span is not None:
             start, stop = span
             flat_out[start:stop] += self._delta(flat_x[start:stop]).to(out.dtype)
         else:

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from maskspec.model.gated_lora import DEFAULT_TARGET_MODULES, GatedLoRALinear, GateState, inject_gated_lora
+from maskspec.model.kernels import linear
 from maskspec.model.layout import Layout, apply_sliding_window
 from maskspec.model.sampler import SamplerHead
 
@@ -80,6 +81,9 @@ class MTPModel(nn.Module):
                                                         device=weight.device) * std)
         self.sampler = SamplerHead(hidden, dtype=weight.dtype, device=weight.device)
         self.eos_token_ids = _eos_ids(model, tokenizer)
+        # Decoding's own passes use the CPU float32 kernel of `maskspec.model.kernels` (rounding-level
+        # differences from the stock kernel; set False to compute with the stock kernel everywhere).
+        self.fast_kernels = True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -165,7 +169,7 @@ class MTPModel(nn.Module):
         masks = self.model_attention_mask(attention, position_ids, key_positions, embeds.dtype)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()  # no config: full layers everywhere, windows come from our mask
-        gate_ctx = nullcontext() if keep_gate_for_backward else self.gate.active(mask_rows)
+        gate_ctx = nullcontext() if keep_gate_for_backward else self.gate.active(mask_rows, fast_linear=self.fast_kernels)
         with gate_ctx:
             out = self.model.get_decoder()(
                 inputs_embeds=embeds, position_ids=position_ids, attention_mask=masks,
@@ -209,7 +213,11 @@ class MTPModel(nn.Module):
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's own output head (with Gemma-style final soft-capping where configured)."""
-        logits = self.model.get_output_embeddings()(hidden)
+        head = self.model.get_output_embeddings()
+        if type(head) is nn.Linear:
+            logits = linear(hidden, head.weight, head.bias, fast=self.fast_kernels)
+        else:
+            logits = head(hidden)
         cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -217,7 +225,7 @@ class MTPModel(nn.Module):
 
     def sampler_logits(self, prev_ids: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         prev = self.model.get_input_embeddings()(prev_ids).to(latents.dtype)
-        return self.head_logits(self.sampler(prev, latents))
+        return self.head_logits(self.sampler(prev, latents, fast_linear=self.fast_kernels))
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: Any = None, **kwargs: Any) -> "GenerationOutput":

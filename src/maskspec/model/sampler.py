@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from maskspec.model.kernels import linear
+
 
 class SamplerHead(nn.Module):
     def __init__(self, hidden_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
@@ -23,8 +25,10 @@ class SamplerHead(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, eps=eps, **kw)
         nn.init.zeros_(self.norm2.weight)
 
-    def forward(self, prev_embeddings: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, prev_embeddings: torch.Tensor, latents: torch.Tensor, fast_linear: bool = False
+                ) -> torch.Tensor:
         """Hidden state to feed the output head: (..., d) from (..., d) previous-token embeddings and latents."""
-        h = self.norm1(nn.functional.silu(self.fc1(torch.cat([prev_embeddings, latents], dim=-1))))
-        h = self.norm2(nn.functional.silu(self.fc2(h)))
+        x = torch.cat([prev_embeddings, latents], dim=-1)
+        h = self.norm1(nn.functional.silu(linear(x, self.fc1.weight, self.fc1.bias, fast=fast_linear)))
+        h = self.norm2(nn.functional.silu(linear(h, self.fc2.weight, self.fc2.bias, fast=fast_linear)))
         return latents + h
