@@ -1,0 +1,115 @@
+"""Acceptance profile: tokens per pass for every k from one teacher-forced pass per prompt.
+
+Greedy quadratic decoding is fully determined by two things: the greedy continuation (which the output
+equals) and, for every verified token, the drafts proposed by the mask block placed after it. A block's
+latents depend only on the tokens up to its head (the attention rule), so the drafts after token i are the
+same whichever step computes them, up to floating-point rounding. And a step accepts the longest run of drafts
+that equals the continuation, so along that run the sampler's previous draft *is* the true token: feeding the
+true previous token (teacher forcing) gives the same run length.
+
+So one forward over prompt + continuation with a block after every position gives, per position, the number
+of leading drafts that would be accepted (`matches`). Walking those with the decoder's rules (`simulate`)
+gives the passes and tokens per pass for any k up to the adapter's, in seconds instead of one full decoding
+run per k. `maskspec acceptance` prints this table; `maskspec bench` measures real runs (and wall clock), and
+the README compares the two on the same prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+
+from maskspec.model.layout import build_layout
+from maskspec.model.mtp import MTPModel
+
+DRAFTERS = ("sampler", "head")  # sampler chain (what decoding uses) or the base head's argmax at each mask
+_LOGIT_CHUNK = 256  # rows per vocabulary projection: bounds memory at chunk x vocab floats
+
+
+@dataclass
+class PromptProfile:
+    prompt_id: str
+    domain: str
+    prompt_tokens: int
+    new_tokens: int
+    # drafter -> per head (the last prompt token, then each generated token but the last): drafts in a row
+    # that equal the continuation, at most the adapter's k
+    matches: dict[str, list[int]] = field(default_factory=dict)
+    # drafter -> per mask offset j (1..k): teacher-forced top-1 hits and the number of scored rows
+    offset_hits: dict[str, list[int]] = field(default_factory=dict)
+    offset_total: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def draft_matches(mtp: MTPModel, prompt_ids: Sequence[int], continuation: Sequence[int],
+                  drafters: Sequence[str] = DRAFTERS) -> tuple[dict[str, list[int]], dict[str, list[int]], list[int]]:
+    """For each head h (the last prompt token, then each continuation token but the last) the number of
+    leading drafts of the block after h that equal the continuation. Also per-offset hit counts.
+    Returns (matches, offset_hits, offset_total)."""
+    for name in drafters:
+        if name not in DRAFTERS:
+            raise ValueError(f"drafter must be one of {DRAFTERS}, got {name!r}")
+    k = mtp.k
+    sequence = list(prompt_ids) + list(continuation)
+    first_head = len(prompt_ids) - 1
+    heads = list(range(first_head, len(sequence) - 1))
+    empty = {name: [] for name in drafters}
+    if not heads:
+        return empty, {name: [0] * k for name in drafters}, [0] * k
+    layout = build_layout(len(sequence), heads, k, device=mtp.device)
+    ids = torch.tensor([sequence], device=mtp.device)
+    hidden = mtp.forward_layout(ids, layout).hidden[0]
+
+    # Mask j (0-based) of the block after head h predicts sequence[h + 2 + j], with the token before it
+    # (sequence[h + 1 + j]) as the sampler's previous token. Rows past the end of the sequence are not scored.
+    rows, targets, prevs, block_of, slot_of = [], [], [], [], []
+    for b, h in enumerate(heads):
+        block = layout.block_rows(h).tolist()
+        for j in range(k):
+            if h + 2 + j >= len(sequence):
+                break
+            rows.append(block[j])
+            targets.append(sequence[h + 2 + j])
+            prevs.append(sequence[h + 1 + j])
+            block_of.append(b)
+            slot_of.append(j)
+    hits = {name: torch.zeros(len(heads), k, dtype=torch.bool) for name in drafters}
+    row_t = torch.tensor(rows, dtype=torch.long, device=mtp.device)
+    target_t = torch.tensor(targets, device=mtp.device)
+    prev_t = torch.tensor(prevs, device=mtp.device)
+    block_t, slot_t = torch.tensor(block_of), torch.tensor(slot_of)
+    for start in range(0, len(rows), _LOGIT_CHUNK):
+        part = slice(start, start + _LOGIT_CHUNK)
+        latents = hidden.index_select(0, row_t[part])
+        for name in drafters:
+            logits = (mtp.sampler_logits(prev_t[part], latents) if name == "sampler" else mtp.head_logits(latents))
+            hits[name][block_t[part], slot_t[part]] = (logits.argmax(-1) == target_t[part]).cpu()
+
+    total = torch.bincount(slot_t, minlength=k).tolist()
+    matches, offset_hits = {}, {}
+    for name in drafters:
+        # leading run of hits per block: cumulative product along the offsets
+        matches[name] = hits[name].int().cumprod(dim=1).sum(dim=1).tolist()
+        offset_hits[name] = hits[name].sum(dim=0).tolist()
+    return matches, offset_hits, total
+
+
+def simulate(matches: Sequence[int], k: int, new_tokens: int) -> int:
+    """Forward passes that greedy quadratic decoding with k drafts needs for `new_tokens` tokens, given
+    `matches` from `draft_matches`: the prefill gives the first token, then each step accepts up to k drafts
+    (and never drafts past the token budget) plus one token from the normal head."""
+    if new_tokens <= 0:
+        return 0
+    passes, produced, head = 1, 1, 0
+    while produced < new_tokens:
+        allowed = min(k, new_tokens - produced - 1)
+        accepted = min(matches[head], allowed)
+        produced += accepted + 1
+        head += accepted + 1
+        passes += 1
+    return passes

@@ -1,0 +1,153 @@
+"""`maskspec acceptance`: tokens per pass of greedy quadratic decoding for every k, per domain, from one
+teacher-forced pass per prompt (see `maskspec.bench.acceptance` for why that equals real decoding)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import typer
+
+from maskspec.bench.acceptance import DRAFTERS, PromptProfile, draft_matches, simulate
+from maskspec.errors import MaskspecError
+
+ACCEPTANCE_HELP = (
+    "Tokens per pass (tau) of greedy quadratic decoding for k = 1..K, per domain, without a decoding run per k.\n\n"
+    "Each prompt is decoded once (the exact reference loop), then one pass over prompt + answer with a mask "
+    "block after every token gives, per position, how many drafts would be accepted. Also reports teacher-forced "
+    "accuracy per mask offset, for the sampler and for the base head's argmax at the masks (--drafters)."
+)
+
+
+def profile_prompts(mtp: Any, prompts: Sequence[Any], max_new_tokens: int, drafters: Sequence[str],
+                    on_done: Callable[[PromptProfile], None] | None = None) -> list[PromptProfile]:
+    """Decode each prompt greedily and measure its draft matches."""
+    from maskspec.decode.api import generate, prepare_input_ids
+
+    profiles = []
+    for prompt in prompts:
+        ids = prepare_input_ids(mtp, prompt.messages)[0].tolist()
+        continuation = list(generate(mtp, ids, max_new_tokens=max_new_tokens, mode="ar").new_token_ids)
+        matches, hits, total = draft_matches(mtp, ids, continuation, drafters)
+        profile = PromptProfile(prompt.id, prompt.domain, len(ids), len(continuation), matches, hits, total)
+        profiles.append(profile)
+        if on_done is not None:
+            on_done(profile)
+    return profiles
+
+
+def summarize(profiles: Sequence[PromptProfile], k_max: int, drafters: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per (domain, drafter), domains in first-seen order then "all": tau for k = 1..k_max (tokens over
+    passes, summed over prompts) and per-offset accuracy."""
+    domains = list(dict.fromkeys(p.domain for p in profiles)) + ["all"]
+    rows = []
+    for domain in domains:
+        group = [p for p in profiles if domain in ("all", p.domain)]
+        tokens = sum(p.new_tokens for p in group)
+        total = [sum(p.offset_total[j] for p in group) for j in range(k_max)]
+        for drafter in drafters:
+            tau = {}
+            for k in range(1, k_max + 1):
+                passes = sum(simulate(p.matches[drafter], k, p.new_tokens) for p in group)
+                tau[k] = tokens / passes if passes else None
+            hits = [sum(p.offset_hits[drafter][j] for p in group) for j in range(k_max)]
+            rows.append({"domain": domain, "drafter": drafter, "prompts": len(group), "new_tokens": tokens,
+                         "tau": tau, "offset_accuracy": [h / t if t else None for h, t in zip(hits, total)]})
+    return rows
+
+
+def markdown(rows: Sequence[dict[str, Any]], k_max: int) -> str:
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    lines = ["| domain | drafter | prompts | " + " | ".join(f"k={k}" for k in range(1, k_max + 1)) + " |",
+             "|---|---|---:|" + "---:|" * k_max]
+    for r in rows:
+        lines.append(f"| {r['domain']} | {r['drafter']} | {r['prompts']} | "
+                     + " | ".join(fmt(r["tau"][k]) for k in range(1, k_max + 1)) + " |")
+    lines += ["", "Teacher-forced top-1 accuracy per mask offset:", "",
+              "| domain | drafter | " + " | ".join(f"+{j}" for j in range(1, k_max + 1)) + " |",
+              "|---|---|" + "---:|" * k_max]
+    for r in rows:
+        lines.append(f"| {r['domain']} | {r['drafter']} | " + " | ".join(fmt(a) for a in r["offset_accuracy"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite: Optional[Path] = None,
+                   domains: Optional[str] = None, n: Optional[int] = None, max_new_tokens: int = 128,
+                   drafters: str = "sampler,head", out: Optional[Path] = None, device: str = "cpu",
+                   dtype: str = "fp32") -> dict[str, Any]:
+    """The whole command (also callable from Python). Returns the acceptance.json payload."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from transformers.utils import logging as hf_logging
+
+    from maskspec.adapter import shipped_adapter_available
+    from maskspec.bench.runner import system_info
+    from maskspec.bench.suites import load_suite, select_prompts
+    from maskspec.hub import is_default_model
+    from maskspec.model.mtp import MTPModel
+
+    drafter_list = [d.strip() for d in drafters.split(",") if d.strip()]
+    bad = [d for d in drafter_list if d not in DRAFTERS]
+    if bad or not drafter_list:
+        raise MaskspecError(f"--drafters takes a comma-separated list of {', '.join(DRAFTERS)}, got {drafters!r}")
+    if max_new_tokens < 2:
+        raise MaskspecError(f"--max-new-tokens must be at least 2, got {max_new_tokens}")
+    if adapter is None:
+        if not (is_default_model(model) and shipped_adapter_available()):
+            raise MaskspecError(f"no adapter ships for model {model!r}; pass --adapter FOLDER (from `maskspec train`)")
+        adapter = "default"
+    prompts = select_prompts(load_suite(suite), [d.strip() for d in domains.split(",")] if domains else None, n)
+    out = Path(out) if out is not None else Path("bench-results") / f"acceptance-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 140)
+    hf_logging.set_verbosity_error()
+    with console.status(f"loading model {model!r} with adapter {adapter!r}"):
+        mtp = MTPModel.from_pretrained(model, adapter=adapter, dtype=dtype, device=device)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    started = time.perf_counter()
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("decoding", total=len(prompts))
+        profiles = profile_prompts(mtp, prompts, max_new_tokens, drafter_list,
+                                   on_done=lambda p: progress.update(task, advance=1,
+                                                                     description=f"{p.domain}/{p.prompt_id}"))
+    rows = summarize(profiles, mtp.k, drafter_list)
+    config = {"model": model, "adapter": str(adapter), "adapter_k": mtp.k, "suite": str(suite) if suite else "built-in",
+              "n": n, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "drafters": drafter_list,
+              "device": device, "dtype": dtype, "seconds": round(time.perf_counter() - started, 1)}
+    payload = {"config": config, "system": system_info(device, mtp.dtype), "results": rows,
+               "prompts": [p.to_dict() for p in profiles]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "acceptance.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    table = markdown(rows, mtp.k)
+    (out / "acceptance.md").write_text(
+        "# Acceptance profile (greedy quadratic decoding, tokens per pass)\n\n"
+        + "\n".join(f"- {key}: {value}" for key, value in config.items()) + "\n\n" + table, encoding="utf-8")
+    console.print(table)
+    console.print(f"results: {out / 'acceptance.json'}, report: {out / 'acceptance.md'}")
+    return payload
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("acceptance", help=ACCEPTANCE_HELP)
+    def acceptance(
+        model: str = typer.Option("default", "--model", help="HF id, local folder, or 'default'."),
+        adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter folder or 'default' (shipped; the "
+                                                                      "default for the default model)."),
+        suite: Optional[Path] = typer.Option(None, "--suite", help="Prompt JSONL (as for `maskspec bench`)."),
+        domains: Optional[str] = typer.Option(None, "--domains", help="Comma-separated domains to run."),
+        n: Optional[int] = typer.Option(None, "--n", help="Prompts per domain (default: all)."),
+        max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="New tokens per answer at most."),
+        drafters: str = typer.Option("sampler,head", "--drafters", help="sampler (what decoding uses) and/or head "
+                                                                        "(the base head's argmax at the masks)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
+                                                               "bench-results/acceptance-<timestamp>)."),
+        device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+        dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
+    ) -> None:
+        run_acceptance(model, adapter, suite, domains, n, max_new_tokens, drafters, out, device, dtype)

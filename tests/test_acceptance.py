@@ -1,0 +1,100 @@
+"""The acceptance profile: its simulated passes must equal real greedy quadratic decoding, for every k."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from maskspec.bench.acceptance import draft_matches, simulate
+from maskspec.decode.api import generate
+from maskspec.train.data import Example
+from maskspec.train.trainer import TrainConfig, train
+
+from train_helpers import single_thread, tiny_chat_model_folder, tiny_mtp
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+def test_simulate_walks_the_decoder_rules():
+    # Nothing accepted: one token per pass (prefill included).
+    assert simulate([0] * 10, k=4, new_tokens=10) == 10
+    # Everything accepted: the prefill gives 1 token, each step k + 1.
+    assert simulate([8] * 20, k=4, new_tokens=11) == 1 + 2
+    # Heads move by accepted + 1: head 0 accepts 2 (3 tokens), head 3 accepts 0, head 4 accepts 1 ...
+    assert simulate([2, 9, 9, 0, 1, 9, 9, 9], k=3, new_tokens=7) == 1 + 3
+    # Drafts never run past the budget: 5 tokens with k = 8 take the prefill and one step.
+    assert simulate([8] * 5, k=8, new_tokens=5) == 2
+    assert simulate([], k=3, new_tokens=0) == 0
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    """A tiny llama whose k=3 adapter is overfitted on its own greedy answers to three of five prompts, so the
+    decoder sees long accepted runs (trained prompts) as well as rejections (held-out ones)."""
+    with single_thread():
+        mtp = tiny_mtp(k=3, rank=8)
+        gen = torch.Generator().manual_seed(7)
+        prompts = [torch.randint(3, 128, (6 + i,), generator=gen).tolist() for i in range(5)]
+        examples = []
+        for i, prompt in enumerate(prompts[:3]):  # the last two are held out: mostly rejected drafts
+            answer = list(generate(mtp, prompt, max_new_tokens=30, mode="ar").new_token_ids)
+            ids = torch.tensor(prompt + answer)
+            labelled = torch.zeros(len(ids), dtype=torch.bool)
+            labelled[len(prompt):] = True
+            examples.append(Example(ids, labelled, f"p{i}"))
+        cfg = TrainConfig(out=str(tmp_path_factory.mktemp("adapter")), k=3, rank=8, alpha=16.0, lr=2e-2, steps=40, batch_size=3, warmup=5,
+                          schedule="constant", save_every=10_000, progress=False, eval_size=0)
+        train(cfg, mtp=mtp, examples=examples)
+        mtp.double()  # float64 from here: no near-tie can make the two computations disagree
+        mtp.eval()
+        return mtp, prompts
+
+
+def test_simulated_passes_equal_real_decoding(trained_tiny, tmp_path):
+    mtp, prompts = trained_tiny
+    accepted_drafts, short_blocks = 0, 0
+    for prompt in prompts:
+        answer = list(generate(mtp, prompt, max_new_tokens=30, mode="ar").new_token_ids)
+        matches, hits, total = draft_matches(mtp, prompt, answer)
+        assert len(matches["sampler"]) == len(answer)
+        accepted_drafts += sum(matches["sampler"])
+        # block i predicts answer[i + 1:], so at most min(k, len(answer) - 1 - i) drafts can match
+        short_blocks += sum(m < min(mtp.k, len(answer) - 1 - i) for i, m in enumerate(matches["sampler"]))
+        for k in range(1, mtp.k + 1):
+            real = generate(mtp, prompt, max_new_tokens=30, mode="quadratic", k=k)
+            assert list(real.new_token_ids) == answer
+            assert real.stats.forward_passes == simulate(matches["sampler"], k, len(answer)), (prompt, k)
+        assert sum(total) > 0 and all(0 <= h <= t for h, t in zip(hits["sampler"], total))
+    # The comparison is not vacuous: many drafts were accepted, and some blocks had a rejection.
+    assert accepted_drafts > 30 and short_blocks > 0
+
+
+def test_acceptance_cli(tmp_path):
+    from maskspec.cli import app
+    from maskspec.model.mtp import MTPConfig, MTPModel, randomize_adapter_
+    from maskspec.hub import load_model_and_tokenizer
+
+    model_dir = tiny_chat_model_folder(tmp_path / "tiny")
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    mtp = randomize_adapter_(MTPModel(model, tokenizer, MTPConfig(k=2, rank=4)), seed=1)
+    mtp.save_adapter(tmp_path / "adapter")
+    out = tmp_path / "out"
+    args = ["acceptance", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--domains",
+            "math,code", "--n", "1", "--max-new-tokens", "6", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    payload = json.loads((out / "acceptance.json").read_text())
+    assert [r["domain"] for r in payload["results"]] == ["math", "math", "code", "code", "all", "all"]
+    for row in payload["results"]:
+        assert set(row["tau"]) == {"1", "2"} and all(1.0 <= t <= 3.0 for t in row["tau"].values())
+    assert len(payload["prompts"]) == 2 and "| domain | drafter |" in (out / "acceptance.md").read_text()
+
+    bad = CliRunner().invoke(app, args[:-2] + ["--drafters", "oracle", "--out", str(out)])
+    assert bad.exit_code != 0 and "--drafters" in str(bad.exception)
