@@ -76,7 +76,7 @@ def test_simulated_passes_equal_real_decoding(trained_tiny, tmp_path):
     assert accepted_drafts > 30 and short_blocks > 0
 
 
-def test_acceptance_cli(tmp_path):
+def test_acceptance_cli(tmp_path, monkeypatch):
     from maskspec.cli import app
     from maskspec.model.mtp import MTPConfig, MTPModel, randomize_adapter_
     from maskspec.hub import load_model_and_tokenizer
@@ -98,3 +98,22 @@ def test_acceptance_cli(tmp_path):
 
     bad = CliRunner().invoke(app, args[:-2] + ["--drafters", "oracle", "--out", str(out)])
     assert bad.exit_code != 0 and "--drafters" in str(bad.exception)
+
+    # Answers saved by one run are reused by the next (decoding is skipped), and a broken file is refused.
+    answers = tmp_path / "answers.json"
+    first = CliRunner().invoke(app, args + ["--answers", str(answers)])
+    assert first.exit_code == 0, first.output
+    saved = json.loads(answers.read_text())
+    assert len(saved) == 2 and all(len(a["token_ids"]) <= 6 for a in saved.values())
+    import maskspec.decode.api as decode_api
+
+    def no_decoding(*a, **kw):
+        raise AssertionError("answers should have been reused")
+
+    monkeypatch.setattr(decode_api, "generate", no_decoding)
+    again = CliRunner().invoke(app, args + ["--answers", str(answers), "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output + repr(again.exception)
+    assert json.loads((tmp_path / "again" / "acceptance.json").read_text())["results"] == payload["results"]
+    answers.write_text("{not json")
+    broken = CliRunner().invoke(app, args + ["--answers", str(answers)])
+    assert broken.exit_code != 0 and "--answers" in str(broken.exception)

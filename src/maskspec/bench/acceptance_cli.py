@@ -22,14 +22,23 @@ ACCEPTANCE_HELP = (
 
 
 def profile_prompts(mtp: Any, prompts: Sequence[Any], max_new_tokens: int, drafters: Sequence[str],
-                    on_done: Callable[[PromptProfile], None] | None = None) -> list[PromptProfile]:
-    """Decode each prompt greedily and measure its draft matches."""
+                    on_done: Callable[[PromptProfile], None] | None = None,
+                    answers: dict[str, dict[str, Any]] | None = None) -> list[PromptProfile]:
+    """Decode each prompt greedily and measure its draft matches. `answers` (prompt id -> {"prompt_ids",
+    "max_new_tokens", "token_ids"}) holds greedy answers from earlier runs: they depend on the base model only,
+    so adapters can be compared without decoding again. New answers are added to it."""
     from maskspec.decode.api import generate, prepare_input_ids
 
+    answers = {} if answers is None else answers
     profiles = []
     for prompt in prompts:
         ids = prepare_input_ids(mtp, prompt.messages)[0].tolist()
-        continuation = list(generate(mtp, ids, max_new_tokens=max_new_tokens, mode="ar").new_token_ids)
+        known = answers.get(prompt.id)
+        if known and known["prompt_ids"] == ids and known["max_new_tokens"] == max_new_tokens:
+            continuation = list(known["token_ids"])
+        else:
+            continuation = list(generate(mtp, ids, max_new_tokens=max_new_tokens, mode="ar").new_token_ids)
+            answers[prompt.id] = {"prompt_ids": ids, "max_new_tokens": max_new_tokens, "token_ids": continuation}
         matches, hits, total = draft_matches(mtp, ids, continuation, drafters)
         profile = PromptProfile(prompt.id, prompt.domain, len(ids), len(continuation), matches, hits, total)
         profiles.append(profile)
@@ -78,7 +87,7 @@ def markdown(rows: Sequence[dict[str, Any]], k_max: int) -> str:
 def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite: Optional[Path] = None,
                    domains: Optional[str] = None, n: Optional[int] = None, max_new_tokens: int = 128,
                    drafters: str = "sampler,head", out: Optional[Path] = None, device: str = "cpu",
-                   dtype: str = "fp32") -> dict[str, Any]:
+                   dtype: str = "fp32", answers: Optional[Path] = None) -> dict[str, Any]:
     """The whole command (also callable from Python). Returns the acceptance.json payload."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -109,13 +118,17 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
     hf_logging.set_verbosity_error()
     with console.status(f"loading model {model!r} with adapter {adapter!r}"):
         mtp = MTPModel.from_pretrained(model, adapter=adapter, dtype=dtype, device=device)
+    known_answers = _read_answers(answers) if answers is not None else {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     started = time.perf_counter()
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("decoding", total=len(prompts))
         profiles = profile_prompts(mtp, prompts, max_new_tokens, drafter_list,
                                    on_done=lambda p: progress.update(task, advance=1,
-                                                                     description=f"{p.domain}/{p.prompt_id}"))
+                                                                     description=f"{p.domain}/{p.prompt_id}"),
+                                   answers=known_answers)
+    if answers is not None:
+        _write_answers(answers, known_answers)
     rows = summarize(profiles, mtp.k, drafter_list)
     config = {"model": model, "adapter": str(adapter), "adapter_k": mtp.k, "suite": str(suite) if suite else "built-in",
               "n": n, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "drafters": drafter_list,
@@ -131,6 +144,26 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
     console.print(table)
     console.print(f"results: {out / 'acceptance.json'}, report: {out / 'acceptance.md'}")
     return payload
+
+
+def _read_answers(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    try:
+        answers = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MaskspecError(f"--answers {path} is not a JSON file written by `maskspec acceptance` ({exc})") from None
+    if not isinstance(answers, dict) or not all(
+            isinstance(a, dict) and {"prompt_ids", "max_new_tokens", "token_ids"} <= set(a) for a in answers.values()):
+        raise MaskspecError(f"--answers {path} is not a file written by `maskspec acceptance`")
+    return answers
+
+
+def _write_answers(path: Path, answers: dict[str, dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(answers) + "\n", encoding="utf-8")
+    partial.replace(path)  # atomic: an interrupted write never leaves a torn file behind
 
 
 def register(app: typer.Typer) -> None:
@@ -149,5 +182,8 @@ def register(app: typer.Typer) -> None:
                                                                "bench-results/acceptance-<timestamp>)."),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
         dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
+        answers: Optional[Path] = typer.Option(None, "--answers", help="JSON file of greedy answers to reuse and "
+                                               "extend (they depend on the base model only, so adapters can be "
+                                               "compared without decoding again)."),
     ) -> None:
-        run_acceptance(model, adapter, suite, domains, n, max_new_tokens, drafters, out, device, dtype)
+        run_acceptance(model, adapter, suite, domains, n, max_new_tokens, drafters, out, device, dtype, answers)
