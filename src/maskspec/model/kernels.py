@@ -1,12 +1,11 @@
 """The linear layer used by decoding on CPU.
 
 On CPU, `torch.nn.functional.linear` in float32 goes to MKL, whose kernels are slow for the few rows a
-decoding step has (1 to ~25) and get slower per row as rows are added. oneDNN's matmul (the one behind
-`torch.ops.mkldnn._linear_pointwise`) streams the weights at close to memory speed and grows much less with
-rows: over the 90 MLP matrices of SmolLM2-135M, 2 threads, 17.9 ms vs 30.7 ms at 1 row, 19.9 vs 36.6 ms at 4,
-35.8 vs 49.4 ms at 25 (`scripts/linear_kernels.py` measures it on the
-embedded model). Results differ from MKL's only in rounding
-(summation order, ~1e-6 relative), which is the same kind of difference a different row count already makes.
+decoding step has (1 to ~25). oneDNN's matmul (the one behind `torch.ops.mkldnn._linear_pointwise`) is faster
+and grows less with rows: over 90 float32 matrices of SmolLM2-135M's MLP shape (1536 x 576), 2 threads,
+17.9 ms vs 30.7 ms at 1 row, 19.9 vs 36.6 ms at 4, 35.8 vs 49.4 ms at 25. `scripts/linear_kernels.py`
+measures it over the embedded model's own projections. Results differ from MKL's only in rounding
+(summation order, ~1e-6 relative), the same kind of difference a different row count already makes.
 
 It is used only for inference-time float32 on CPU and only where the caller asks for it (decoding inside
 `MTPModel`), so the wrapped model, called directly, is still exactly the stock model. bfloat16 is left to
