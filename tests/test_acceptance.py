@@ -32,6 +32,9 @@ def test_simulate_walks_the_decoder_rules():
     # Drafts never run past the budget: 5 tokens with k = 8 take the prefill and one step.
     assert simulate([8] * 5, k=8, new_tokens=5) == 2
     assert simulate([], k=3, new_tokens=0) == 0
+    # Linear: a rejection leaves no usable block, so the next step drafts nothing and gives one token.
+    assert simulate([2, 9, 9, 0, 1, 9, 9, 9], k=3, new_tokens=7, mode="linear") == 1 + 1 + 1 + 1
+    assert simulate([3, 9, 9, 9, 3, 9, 9, 9, 9], k=3, new_tokens=9, mode="linear") == 1 + 2
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +70,12 @@ def test_simulated_passes_equal_real_decoding(trained_tiny, tmp_path):
         accepted_drafts += sum(matches["sampler"])
         # block i predicts answer[i + 1:], so at most min(k, len(answer) - 1 - i) drafts can match
         short_blocks += sum(m < min(mtp.k, len(answer) - 1 - i) for i, m in enumerate(matches["sampler"]))
-        for k in range(1, mtp.k + 1):
-            real = generate(mtp, prompt, max_new_tokens=30, mode="quadratic", k=k)
-            assert list(real.new_token_ids) == answer
-            assert real.stats.forward_passes == simulate(matches["sampler"], k, len(answer)), (prompt, k)
+        for mode in ("quadratic", "linear"):
+            for k in range(1, mtp.k + 1):
+                real = generate(mtp, prompt, max_new_tokens=30, mode=mode, k=k)
+                assert list(real.new_token_ids) == answer
+                simulated = simulate(matches["sampler"], k, len(answer), mode)
+                assert real.stats.forward_passes == simulated, (prompt, mode, k)
         assert sum(total) > 0 and all(0 <= h <= t for h, t in zip(hits["sampler"], total))
     # The comparison is not vacuous: many drafts were accepted, and some blocks had a rejection.
     assert accepted_drafts > 30 and short_blocks > 0
@@ -91,7 +96,10 @@ def test_acceptance_cli(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     payload = json.loads((out / "acceptance.json").read_text())
-    assert [r["domain"] for r in payload["results"]] == ["math", "math", "code", "code", "all", "all"]
+    assert [(r["domain"], r["drafter"], r["mode"]) for r in payload["results"][:4]] == [
+        ("math", "sampler", "quadratic"), ("math", "sampler", "linear"), ("math", "head", "quadratic"),
+        ("math", "head", "linear")]
+    assert [r["domain"] for r in payload["results"]][4::4] == ["code", "all"]
     for row in payload["results"]:
         assert set(row["tau"]) == {"1", "2"} and all(1.0 <= t <= 3.0 for t in row["tau"].values())
     assert len(payload["prompts"]) == 2 and "| domain | drafter |" in (out / "acceptance.md").read_text()

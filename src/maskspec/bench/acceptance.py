@@ -1,4 +1,4 @@
-"""Acceptance profile: tokens per pass for every k from one teacher-forced pass per prompt.
+"""Acceptance profile: tokens per pass for every k (quadratic and linear) from one teacher-forced pass per prompt.
 
 Greedy quadratic decoding is fully determined by two things: the greedy continuation (which the output
 equals) and, for every verified token, the drafts proposed by the mask block placed after it. A block's
@@ -99,17 +99,25 @@ def draft_matches(mtp: MTPModel, prompt_ids: Sequence[int], continuation: Sequen
     return matches, offset_hits, total
 
 
-def simulate(matches: Sequence[int], k: int, new_tokens: int) -> int:
-    """Forward passes that greedy quadratic decoding with k drafts needs for `new_tokens` tokens, given
-    `matches` from `draft_matches`: the prefill gives the first token, then each step accepts up to k drafts
-    (and never drafts past the token budget) plus one token from the normal head."""
+def simulate(matches: Sequence[int], k: int, new_tokens: int, mode: str = "quadratic") -> int:
+    """Forward passes that greedy decoding with k drafts needs for `new_tokens` tokens, given `matches` from
+    `draft_matches`. The prefill gives the first token; each step accepts up to k drafts (never drafting past
+    the token budget) plus one token from the normal head. Quadratic mode always has the block after the last
+    accepted token; linear mode has only the block after the last draft, so after a rejection its next step
+    runs without drafts (one token, and a block after it)."""
+    if mode not in ("quadratic", "linear"):
+        raise ValueError(f"mode must be quadratic or linear, got {mode!r}")
     if new_tokens <= 0:
         return 0
-    passes, produced, head = 1, 1, 0
+    passes, produced, head, have_drafts = 1, 1, 0, True
     while produced < new_tokens:
+        passes += 1
+        if not have_drafts:
+            produced, head, have_drafts = produced + 1, head + 1, True
+            continue
         allowed = min(k, new_tokens - produced - 1)
         accepted = min(matches[head], allowed)
         produced += accepted + 1
         head += accepted + 1
-        passes += 1
+        have_drafts = mode == "quadratic" or accepted == allowed
     return passes

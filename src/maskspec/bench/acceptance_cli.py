@@ -1,4 +1,4 @@
-"""`maskspec acceptance`: tokens per pass of greedy quadratic decoding for every k, per domain, from one
+"""`maskspec acceptance`: tokens per pass of greedy decoding (quadratic, linear) for every k, per domain, from one
 teacher-forced pass per prompt (see `maskspec.bench.acceptance` for why that equals real decoding)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from maskspec.bench.acceptance import DRAFTERS, PromptProfile, draft_matches, si
 from maskspec.errors import MaskspecError
 
 ACCEPTANCE_HELP = (
-    "Tokens per pass (tau) of greedy quadratic decoding for k = 1..K, per domain, without a decoding run per k.\n\n"
+    "Tokens per pass (tau) of greedy quadratic and linear decoding for k = 1..K, per domain, without a decoding run per k.\n\n"
     "Each prompt is decoded once (the exact reference loop), then one pass over prompt + answer with a mask "
     "block after every token gives, per position, how many drafts would be accepted. Also reports teacher-forced "
     "accuracy per mask offset, for the sampler and for the base head's argmax at the masks (--drafters)."
@@ -47,9 +47,10 @@ def profile_prompts(mtp: Any, prompts: Sequence[Any], max_new_tokens: int, draft
     return profiles
 
 
-def summarize(profiles: Sequence[PromptProfile], k_max: int, drafters: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per (domain, drafter), domains in first-seen order then "all": tau for k = 1..k_max (tokens over
-    passes, summed over prompts) and per-offset accuracy."""
+def summarize(profiles: Sequence[PromptProfile], k_max: int, drafters: Sequence[str],
+              modes: Sequence[str] = ("quadratic",)) -> list[dict[str, Any]]:
+    """One row per (domain, drafter, mode), domains in first-seen order then "all": tau for k = 1..k_max
+    (tokens over passes, summed over prompts) and per-offset accuracy."""
     domains = list(dict.fromkeys(p.domain for p in profiles)) + ["all"]
     rows = []
     for domain in domains:
@@ -57,13 +58,15 @@ def summarize(profiles: Sequence[PromptProfile], k_max: int, drafters: Sequence[
         tokens = sum(p.new_tokens for p in group)
         total = [sum(p.offset_total[j] for p in group) for j in range(k_max)]
         for drafter in drafters:
-            tau = {}
-            for k in range(1, k_max + 1):
-                passes = sum(simulate(p.matches[drafter], k, p.new_tokens) for p in group)
-                tau[k] = tokens / passes if passes else None
             hits = [sum(p.offset_hits[drafter][j] for p in group) for j in range(k_max)]
-            rows.append({"domain": domain, "drafter": drafter, "prompts": len(group), "new_tokens": tokens,
-                         "tau": tau, "offset_accuracy": [h / t if t else None for h, t in zip(hits, total)]})
+            accuracy = [h / t if t else None for h, t in zip(hits, total)]
+            for mode in modes:
+                tau = {}
+                for k in range(1, k_max + 1):
+                    passes = sum(simulate(p.matches[drafter], k, p.new_tokens, mode) for p in group)
+                    tau[k] = tokens / passes if passes else None
+                rows.append({"domain": domain, "drafter": drafter, "mode": mode, "prompts": len(group),
+                             "new_tokens": tokens, "tau": tau, "offset_accuracy": accuracy})
     return rows
 
 
@@ -71,23 +74,28 @@ def markdown(rows: Sequence[dict[str, Any]], k_max: int) -> str:
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}"
 
-    lines = ["| domain | drafter | prompts | " + " | ".join(f"k={k}" for k in range(1, k_max + 1)) + " |",
-             "|---|---|---:|" + "---:|" * k_max]
+    lines = ["| domain | drafter | mode | prompts | " + " | ".join(f"k={k}" for k in range(1, k_max + 1)) + " |",
+             "|---|---|---|---:|" + "---:|" * k_max]
     for r in rows:
-        lines.append(f"| {r['domain']} | {r['drafter']} | {r['prompts']} | "
+        lines.append(f"| {r['domain']} | {r['drafter']} | {r['mode']} | {r['prompts']} | "
                      + " | ".join(fmt(r["tau"][k]) for k in range(1, k_max + 1)) + " |")
     lines += ["", "Teacher-forced top-1 accuracy per mask offset:", "",
               "| domain | drafter | " + " | ".join(f"+{j}" for j in range(1, k_max + 1)) + " |",
               "|---|---|" + "---:|" * k_max]
+    seen = set()
     for r in rows:
-        lines.append(f"| {r['domain']} | {r['drafter']} | " + " | ".join(fmt(a) for a in r["offset_accuracy"]) + " |")
+        if (r["domain"], r["drafter"]) not in seen:
+            seen.add((r["domain"], r["drafter"]))
+            lines.append(f"| {r['domain']} | {r['drafter']} | "
+                         + " | ".join(fmt(a) for a in r["offset_accuracy"]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite: Optional[Path] = None,
                    domains: Optional[str] = None, n: Optional[int] = None, max_new_tokens: int = 128,
                    drafters: str = "sampler,head", out: Optional[Path] = None, device: str = "cpu",
-                   dtype: str = "fp32", answers: Optional[Path] = None) -> dict[str, Any]:
+                   dtype: str = "fp32", answers: Optional[Path] = None, modes: str = "quadratic,linear"
+                   ) -> dict[str, Any]:
     """The whole command (also callable from Python). Returns the acceptance.json payload."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -103,6 +111,9 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
     bad = [d for d in drafter_list if d not in DRAFTERS]
     if bad or not drafter_list:
         raise MaskspecError(f"--drafters takes a comma-separated list of {', '.join(DRAFTERS)}, got {drafters!r}")
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    if not mode_list or any(m not in ("quadratic", "linear") for m in mode_list):
+        raise MaskspecError(f"--modes takes a comma-separated list of quadratic, linear, got {modes!r}")
     if max_new_tokens < 2:
         raise MaskspecError(f"--max-new-tokens must be at least 2, got {max_new_tokens}")
     if adapter is None:
@@ -129,9 +140,9 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
                                    answers=known_answers)
     if answers is not None:
         _write_answers(answers, known_answers)
-    rows = summarize(profiles, mtp.k, drafter_list)
+    rows = summarize(profiles, mtp.k, drafter_list, mode_list)
     config = {"model": model, "adapter": str(adapter), "adapter_k": mtp.k, "suite": str(suite) if suite else "built-in",
-              "n": n, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "drafters": drafter_list,
+              "n": n, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "drafters": drafter_list, "modes": mode_list,
               "device": device, "dtype": dtype, "seconds": round(time.perf_counter() - started, 1)}
     payload = {"config": config, "system": system_info(device, mtp.dtype), "results": rows,
                "prompts": [p.to_dict() for p in profiles]}
@@ -139,7 +150,7 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
     (out / "acceptance.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     table = markdown(rows, mtp.k)
     (out / "acceptance.md").write_text(
-        "# Acceptance profile (greedy quadratic decoding, tokens per pass)\n\n"
+        "# Acceptance profile (greedy decoding, tokens per pass)\n\n"
         + "\n".join(f"- {key}: {value}" for key, value in config.items()) + "\n\n" + table, encoding="utf-8")
     console.print(table)
     console.print(f"results: {out / 'acceptance.json'}, report: {out / 'acceptance.md'}")
@@ -185,5 +196,7 @@ def register(app: typer.Typer) -> None:
         answers: Optional[Path] = typer.Option(None, "--answers", help="JSON file of greedy answers to reuse and "
                                                "extend (they depend on the base model only, so adapters can be "
                                                "compared without decoding again)."),
+        modes: str = typer.Option("quadratic,linear", "--modes", help="Decoding modes to simulate."),
     ) -> None:
-        run_acceptance(model, adapter, suite, domains, n, max_new_tokens, drafters, out, device, dtype, answers)
+        run_acceptance(model, adapter, suite, domains, n, max_new_tokens, drafters, out, device, dtype, answers,
+                       modes)
