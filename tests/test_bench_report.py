@@ -62,6 +62,7 @@ def test_aggregate_tau_speedup_exact_match(records):
     assert (q["new_tokens"], q["forward_passes"]) == (6, 3)
     assert q["tokens_per_pass"] == 2.0
     assert q["tokens_per_second"] == 4.0
+    assert q["ms_per_pass"] == 1000 * 1.5 / 3 and hf["ms_per_pass"] == 1000 * 3.0 / 6  # seconds over passes
     assert q["speedup_vs_hf"] == 2.0
     assert q["exact_match"] == 1.0
 

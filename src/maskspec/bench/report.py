@@ -113,13 +113,14 @@ def _row(domain: str, key: tuple, recs: list[RunRecord], baseline: dict, referen
          greedy: bool) -> dict[str, Any]:
     method, mode, k = key
     repeats = sorted({r.repeat for r in recs})
-    tokens_r, passes_r, tps_r, speedup_r = [], [], [], []
+    tokens_r, passes_r, tps_r, speedup_r, seconds_r = [], [], [], [], []
     for rep in repeats:
         these = [r for r in recs if r.repeat == rep]
         base = [baseline[(r.prompt_id, rep)] for r in these]
         tokens = sum(r.new_tokens for r in these)
         seconds = sum(r.seconds for r in these)
         tokens_r.append(tokens)
+        seconds_r.append(seconds)
         passes_r.append(None if any(r.forward_passes is None for r in these)
                         else sum(r.forward_passes for r in these))
         tps = tokens / seconds if seconds > 0 else 0.0
@@ -142,6 +143,8 @@ def _row(domain: str, key: tuple, recs: list[RunRecord], baseline: dict, referen
         "new_tokens": _int_if_whole(_mean(tokens_r)),
         "forward_passes": None if all_passes is None else _int_if_whole(all_passes / len(repeats)),
         "tokens_per_pass": None if not all_passes else all_tokens / all_passes,
+        # the cost side of tau: wall time per forward pass, prefill included
+        "ms_per_pass": None if not all_passes else 1000 * sum(seconds_r) / all_passes,
         "tokens_per_second": _mean(tps_r), "tokens_per_second_std": tps_std,
         "tokens_per_second_min": tps_min, "tokens_per_second_max": tps_max,
         "speedup_vs_hf": _mean(speedup_r), "speedup_vs_hf_std": sp_std,
@@ -214,13 +217,14 @@ def speed_table(rows: Sequence[dict]) -> Table:
 
 
 def detail_table(rows: Sequence[dict]) -> Table:
-    headers = ["domain", "method", "prompts", "new tokens", "passes", "tau", "tok/s", "speed-up", "= hf",
-               "= ar", "accuracy"]
+    headers = ["domain", "method", "prompts", "new tokens", "passes", "tau", "ms/pass", "tok/s", "speed-up",
+               "= hf", "= ar", "accuracy"]
     body = []
     for r in rows:
         spread = f" ±{r['speedup_vs_hf_std']:.2f}" if r["repeats"] > 1 else ""
         body.append([r["domain"], r["label"], str(r["prompts"]), str(r["new_tokens"]),
-                     _fmt(r["forward_passes"], ""), _fmt(r["tokens_per_pass"]), _fmt(r["tokens_per_second"], ".1f"),
+                     _fmt(r["forward_passes"], ""), _fmt(r["tokens_per_pass"]), _fmt(r.get("ms_per_pass"), ".1f"),
+                     _fmt(r["tokens_per_second"], ".1f"),
                      _fmt(r["speedup_vs_hf"], ".2f", "x") + spread, _fmt(r["exact_match"], ".2f"),
                      _fmt(r["exact_match_vs_ar"], ".2f"), _fmt(r["accuracy"], ".2f")])
     return "All results", headers, body
