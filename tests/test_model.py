@@ -165,6 +165,29 @@ def test_adapter_round_trip(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
 
 
+def test_adapter_decoding_defaults_pick_k(tmp_path):
+    from maskspec.decode.api import generate
+
+    mtp = _random_mtp("llama", k=3)
+    folder = mtp.save_adapter(tmp_path / "ad")
+    assert mtp.default_k == 3  # nothing measured: the adapter's k
+    cfg_path = folder / "adapter_config.json"
+    for recorded, expected in (({"cpu": {"k": 2, "measured": "bench"}}, 2), ({"cuda": {"k": 1}}, 3),
+                               ({"cpu": {"k": 9}}, 3), ({"cpu": "fast"}, 3)):
+        cfg = json.loads(cfg_path.read_text())
+        cfg["decoding"] = recorded
+        cfg_path.write_text(json.dumps(cfg))
+        other = MTPModel(tiny_model("llama"), config=read_adapter_config(folder).mtp_config())
+        load_adapter(other, folder)
+        assert other.default_k == expected, recorded
+    # Decoding without k uses it: the histogram of accepted drafts has default_k + 1 bins.
+    out = generate(other, [5, 6, 7], max_new_tokens=6, mode="quadratic")
+    assert len(out.stats.accepted_histogram) == other.default_k + 1 == 4
+    other.decoding_defaults = {"cpu": {"k": 2}}
+    out = generate(other, [5, 6, 7], max_new_tokens=6, mode="quadratic")
+    assert len(out.stats.accepted_histogram) == 3
+
+
 def test_adapter_bad_inputs(tmp_path):
     mtp = _random_mtp("llama")
     good = mtp.save_adapter(tmp_path / "good")

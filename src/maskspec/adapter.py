@@ -51,6 +51,9 @@ class AdapterConfig:
     dtype: str
     maskspec_version: str
     training: dict[str, Any] | None = None
+    # Measured decoding defaults per device type, e.g. {"cpu": {"k": 1, "measured": "..."}}: the k that
+    # decoding uses when none is given. Optional; written by hand after benchmarking.
+    decoding: dict[str, Any] | None = None
 
     def mtp_config(self) -> "MTPConfig":
         from maskspec.model.mtp import MTPConfig
@@ -177,4 +180,5 @@ def load_adapter(mtp: "MTPModel", folder: str | Path, check_fingerprint: bool = 
     with torch.no_grad():
         for name, target in expected.items():
             target.copy_(tensors[name].to(target.dtype))
+    mtp.decoding_defaults = dict(config.decoding or {})
     return config

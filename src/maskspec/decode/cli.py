@@ -46,7 +46,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("default", "--model", "-m", help="HF id, local folder, or 'default'."),
         adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="Adapter folder, or 'default'."),
         mode: str = typer.Option("quadratic", "--mode", callback=check_mode, help="quadratic | linear | ar"),
-        k: Optional[int] = typer.Option(None, "--k", help="Drafts per step (default: the adapter's k)."),
+        k: Optional[int] = typer.Option(None, "--k", help="Drafts per step (default: the k the adapter's config "
+                                                          "recommends for this device, else its k)."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=0),
         temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0),
         top_p: float = typer.Option(1.0, "--top-p"),
@@ -72,7 +73,7 @@ def register(app: typer.Typer) -> None:
             print(json.dumps({"text": out.text, "new_tokens": s.new_tokens, "forward_passes": s.forward_passes,
                               "tokens_per_pass": round(s.tokens_per_pass, 4), "seconds": round(s.seconds, 4),
                               "tokens_per_second": round(s.tokens_per_second, 2), "mode": mode,
-                              "k": None if mode == "ar" else (k or mtp.k), "finish_reason": s.finish_reason,
+                              "k": None if mode == "ar" else (k or mtp.default_k), "finish_reason": s.finish_reason,
                               "accepted_histogram": s.accepted_histogram}))
         else:
             sys.stdout.write("\n")

@@ -54,10 +54,10 @@ def propose_drafts(mtp: MTPModel, latents: torch.Tensor, prev_token: int, cfg: S
 
 
 def drafts_per_step(mtp: MTPModel, mode: str, k: int | None) -> int:
-    """The k a decoder runs with: the adapter's k by default, 0 for the reference loop."""
+    """The k a decoder runs with: `mtp.default_k` when none is given, 0 for the reference loop."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    k = mtp.k if k is None else k
+    k = mtp.default_k if k is None else k
     if mode != "ar" and not 1 <= k <= mtp.k:
         raise ValueError(f"k must be in 1..{mtp.k} (the adapter's k), got {k}")
     return k if mode != "ar" else 0

@@ -84,6 +84,8 @@ class MTPModel(nn.Module):
         # Decoding's own passes use the CPU float32 kernel of `maskspec.model.kernels` (rounding-level
         # differences from the stock kernel; set False to compute with the stock kernel everywhere).
         self.fast_kernels = True
+        # Measured per-device decoding defaults from the adapter's config ({"cpu": {"k": 1, ...}}); see default_k.
+        self.decoding_defaults: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -120,6 +122,14 @@ class MTPModel(nn.Module):
     @property
     def k(self) -> int:
         return self.config.k
+
+    @property
+    def default_k(self) -> int:
+        """The k decoding uses when given none: what the adapter's config recommends for this device type (a
+        measured choice: more drafts cost more per pass), else the adapter's k."""
+        entry = self.decoding_defaults.get(self.device.type)
+        k = entry.get("k") if isinstance(entry, dict) else None
+        return k if isinstance(k, int) and 1 <= k <= self.k else self.k
 
     @property
     def device(self) -> torch.device:

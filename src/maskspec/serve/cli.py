@@ -26,7 +26,8 @@ def register(app: typer.Typer) -> None:
         max_new_tokens_limit: int = typer.Option(1024, "--max-new-tokens-limit", min=1,
                                                  help="Largest max_tokens a request may ask for."),
         mode: str = typer.Option("quadratic", "--mode", callback=check_mode, help="quadratic | linear | ar"),
-        k: Optional[int] = typer.Option(None, "--k", help="Drafts per step (default: the adapter's k)."),
+        k: Optional[int] = typer.Option(None, "--k", help="Drafts per step (default: the k the adapter's config "
+                                                          "recommends for this device, else its k)."),
         dtype: str = typer.Option("fp32", "--dtype"),
         device: str = typer.Option("cpu", "--device"),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
@@ -57,7 +58,7 @@ def register(app: typer.Typer) -> None:
                                       model_name=os.path.basename(str(model).rstrip("/")) if model != "default"
                                       else mtp.model_name)
         typer.secho(f"maskspec serve: {mtp.model_name}, mode {mode}"
-                    f"{'' if mode == 'ar' else f', k {k or mtp.k}'}, max batch {max_batch}, "
+                    f"{'' if mode == 'ar' else f', k {k or mtp.default_k}'}, max batch {max_batch}, "
                     f"http://{host}:{port}/v1", err=True)
         try:
             uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="off")
