@@ -3,6 +3,7 @@
 #
 #   recipes/smollm2-135m.sh OUT_DIR            # CPU settings (this project's 2-core reference machine)
 #   GPU=1 recipes/smollm2-135m.sh OUT_DIR      # the same recipe with GPU sizes
+#   ACCEPT_N=20 BENCH_N=20 ...                  # then measure: tau for every k, and wall clock
 #
 # Every size is an environment variable, so a run can be scaled to the time it has. Stages are resumable:
 # distill skips answered prompts, train continues from its latest checkpoint (--resume). A stage that hits
@@ -48,6 +49,12 @@ if [ ! -f "$OUT/adapter/adapter.safetensors" ]; then
   cp "$latest"/adapter/adapter.safetensors "$latest"/adapter/adapter_config.json "$OUT/adapter/"
 fi
 echo "== recipe wall time: $(( $(date +%s) - start )) s"
+
+if [ -n "${ACCEPT_N:-}" ]; then
+  echo "== acceptance: tau for k = 1..$K, $ACCEPT_N prompts per domain"
+  $MASKSPEC acceptance --adapter "$OUT/adapter" --suite "$SUITE" --n "$ACCEPT_N" \
+    --max-new-tokens "${BENCH_MAX_NEW:-128}" --out "$OUT/acceptance" --device "$DEVICE"
+fi
 
 if [ -n "${BENCH_N:-}" ]; then
   echo "== bench: $BENCH_N prompts per domain"
