@@ -84,8 +84,8 @@ class GatedLoRALinear(nn.Module):
         if span is not None and not torch.is_grad_enabled():
             # Decoding: one fused multiply-add into the mask rows, no temporaries for the scaled delta.
             start, stop = span
-            low_rank = self.lora_A(flat_x[start:stop])
-            flat_out[start:stop].addmm_(low_rank, self.lora_B.weight.t(), alpha=self.scale)
+            low_rank = self.lora_A(self.dropout(flat_x[start:stop])).to(out.dtype)  # autocast may change dtypes
+            flat_out[start:stop].addmm_(low_rank, self.lora_B.weight.t().to(out.dtype), alpha=self.scale)
         elif span is not None:
             start, stop = span
             flat_out[start:stop] += self._delta(flat_x[start:stop]).to(out.dtype)
