@@ -138,6 +138,24 @@ def test_only_adapter_parameters_get_gradients():
     assert sum(n.startswith("lora.") for n in names) == 2 * 7 * 2  # A and B x 7 targets x 2 layers
 
 
+def test_decoding_lora_update_equals_training_update():
+    """Decoding (no grad, contiguous mask rows) adds LoRA with one fused addmm_; training uses the plain
+    expression. Same numbers either way."""
+    mtp = _random_mtp("llama", dtype=torch.float64)
+    ids = torch.randint(3, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    layout = build_layout(5, range(5), mtp.k, normals_first=True)  # every mask row after the normal rows
+    with torch.no_grad():
+        fused = mtp.forward_layout(ids, layout).hidden
+    plain = mtp.forward_layout(ids, layout).hidden.detach()
+    assert plain.dtype == torch.float64
+    torch.testing.assert_close(fused, plain, atol=1e-12, rtol=0)
+    with torch.no_grad():  # and the update is really there
+        for p in mtp.adapter_state_dict().values():
+            p.mul_(0.5)
+        assert not torch.allclose(mtp.forward_layout(ids, layout).hidden[0, layout.mask_rows()],
+                                  fused[0, layout.mask_rows()])
+
+
 def test_gate_is_cleared_after_the_call():
     mtp = _random_mtp("llama")
     ids = torch.randint(3, 128, (1, 6))
