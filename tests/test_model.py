@@ -264,3 +264,18 @@ def test_cli_reports_adapter_errors_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error: adapter folder") and "does not exist" in proc.stderr
+
+
+@pytest.mark.slow
+def test_default_model_without_adapter_warns(smollm):
+    from maskspec.adapter import shipped_adapter_available
+
+    if not shipped_adapter_available():
+        pytest.skip("no shipped adapter in this installation")
+    with pytest.warns(UserWarning, match="adapter='default'"):
+        MTPModel.from_pretrained("default")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*adapter='default'.*")  # no such warning with the adapter
+        assert MTPModel.from_pretrained("default", adapter="default").default_k >= 1

@@ -8,6 +8,7 @@ modeling code is copied. Logits are computed only for the rows that need them (`
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,6 +99,14 @@ class MTPModel(nn.Module):
         from maskspec.hub import load_model_and_tokenizer
 
         adapter_path = resolve_adapter(adapter, model)
+        if adapter is None and config is None:
+            from maskspec.adapter import shipped_adapter_available
+            from maskspec.hub import is_default_model
+
+            if is_default_model(model) and shipped_adapter_available():
+                warnings.warn("MTPModel.from_pretrained: no adapter given, so the mask tokens, LoRA and sampler are "
+                              "untrained (about one token per pass). Pass adapter='default' for the shipped one.",
+                              UserWarning, stacklevel=2)
         if adapter_path is not None:
             config = read_adapter_config(adapter_path).mtp_config()
         base, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device,
