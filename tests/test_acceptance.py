@@ -52,7 +52,8 @@ def trained_tiny(tmp_path_factory):
             labelled = torch.zeros(len(ids), dtype=torch.bool)
             labelled[len(prompt):] = True
             examples.append(Example(ids, labelled, f"p{i}"))
-        cfg = TrainConfig(out=str(tmp_path_factory.mktemp("adapter")), k=3, rank=8, alpha=16.0, lr=2e-2, steps=40, batch_size=3, warmup=5,
+        cfg = TrainConfig(out=str(tmp_path_factory.mktemp("adapter")), k=3, rank=8, alpha=16.0, lr=2e-2, steps=40,
+                          batch_size=3, warmup=5,
                           schedule="constant", save_every=10_000, progress=False, eval_size=0)
         train(cfg, mtp=mtp, examples=examples)
         mtp.double()  # float64 from here: no near-tie can make the two computations disagree

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from maskspec.bench.runner import DRAFT_MODES
 from maskspec.model.layout import build_layout
 from maskspec.model.mtp import MTPModel
 
@@ -105,8 +106,8 @@ def simulate(matches: Sequence[int], k: int, new_tokens: int, mode: str = "quadr
     the token budget) plus one token from the normal head. Quadratic mode always has the block after the last
     accepted token; linear mode has only the block after the last draft, so after a rejection its next step
     runs without drafts (one token, and a block after it)."""
-    if mode not in ("quadratic", "linear"):
-        raise ValueError(f"mode must be quadratic or linear, got {mode!r}")
+    if mode not in DRAFT_MODES:
+        raise ValueError(f"mode must be one of {DRAFT_MODES}, got {mode!r}")
     if new_tokens <= 0:
         return 0
     passes, produced, head, have_drafts = 1, 1, 0, True

@@ -14,7 +14,8 @@ from maskspec.bench.acceptance import DRAFTERS, PromptProfile, draft_matches, si
 from maskspec.errors import MaskspecError
 
 ACCEPTANCE_HELP = (
-    "Tokens per pass (tau) of greedy quadratic and linear decoding for k = 1..K, per domain, without a decoding run per k.\n\n"
+    "Tokens per pass (tau) of greedy quadratic and linear decoding for k = 1..K, per domain, without a decoding "
+    "run per k.\n\n"
     "Each prompt is decoded once (the exact reference loop), then one pass over prompt + answer with a mask "
     "block after every token gives, per position, how many drafts would be accepted. Also reports teacher-forced "
     "accuracy per mask offset, for the sampler and for the base head's argmax at the masks (--drafters)."
@@ -102,25 +103,24 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
     from transformers.utils import logging as hf_logging
 
     from maskspec.adapter import shipped_adapter_available
-    from maskspec.bench.runner import system_info
+    from maskspec.bench.cli import check_choices, split_option
+    from maskspec.bench.runner import DRAFT_MODES, system_info
     from maskspec.bench.suites import load_suite, select_prompts
     from maskspec.hub import is_default_model
     from maskspec.model.mtp import MTPModel
 
-    drafter_list = [d.strip() for d in drafters.split(",") if d.strip()]
-    bad = [d for d in drafter_list if d not in DRAFTERS]
-    if bad or not drafter_list:
-        raise MaskspecError(f"--drafters takes a comma-separated list of {', '.join(DRAFTERS)}, got {drafters!r}")
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    if not mode_list or any(m not in ("quadratic", "linear") for m in mode_list):
-        raise MaskspecError(f"--modes takes a comma-separated list of quadratic, linear, got {modes!r}")
+    drafter_list = check_choices("--drafters", split_option(drafters), DRAFTERS)
+    mode_list = check_choices("--modes", split_option(modes), DRAFT_MODES)
+    for option, values in (("--drafters", drafter_list), ("--modes", mode_list)):
+        if not values:
+            raise MaskspecError(f"{option} needs at least one value")
     if max_new_tokens < 2:
         raise MaskspecError(f"--max-new-tokens must be at least 2, got {max_new_tokens}")
     if adapter is None:
         if not (is_default_model(model) and shipped_adapter_available()):
             raise MaskspecError(f"no adapter ships for model {model!r}; pass --adapter FOLDER (from `maskspec train`)")
         adapter = "default"
-    prompts = select_prompts(load_suite(suite), [d.strip() for d in domains.split(",")] if domains else None, n)
+    prompts = select_prompts(load_suite(suite), split_option(domains) or None, n)
     out = Path(out) if out is not None else Path("bench-results") / f"acceptance-{time.strftime('%Y%m%d-%H%M%S')}"
 
     console = Console()
@@ -141,9 +141,10 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
     if answers is not None:
         _write_answers(answers, known_answers)
     rows = summarize(profiles, mtp.k, drafter_list, mode_list)
-    config = {"model": model, "adapter": str(adapter), "adapter_k": mtp.k, "suite": str(suite) if suite else "built-in",
-              "n": n, "prompts": len(prompts), "max_new_tokens": max_new_tokens, "drafters": drafter_list, "modes": mode_list,
-              "device": device, "dtype": dtype, "seconds": round(time.perf_counter() - started, 1)}
+    config = {"model": model, "adapter": str(adapter), "adapter_k": mtp.k,
+              "suite": str(suite) if suite else "built-in", "n": n, "prompts": len(prompts),
+              "max_new_tokens": max_new_tokens, "drafters": drafter_list, "modes": mode_list, "device": device,
+              "dtype": dtype, "seconds": round(time.perf_counter() - started, 1)}
     payload = {"config": config, "system": system_info(device, mtp.dtype), "results": rows,
                "prompts": [p.to_dict() for p in profiles]}
     out.mkdir(parents=True, exist_ok=True)

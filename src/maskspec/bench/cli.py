@@ -16,13 +16,14 @@ Every method runs on the same chat-templated prompts, interleaved per prompt, af
 results.json, records.jsonl, report.md and PNG plots to --out and prints the tables."""
 
 
-def _split(value: str | None) -> list[str]:
+def split_option(value: str | None) -> list[str]:
+    """A comma-separated option value as a list, blanks dropped (shared by the bench commands)."""
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
 def _parse_ks(value: str) -> list[int]:
     try:
-        ks = [int(part) for part in _split(value)]
+        ks = [int(part) for part in split_option(value)]
     except ValueError:
         raise MaskspecError(f"--k takes comma-separated integers such as 1,2,4,8, got {value!r}") from None
     if not ks or any(k < 1 for k in ks):
@@ -30,7 +31,8 @@ def _parse_ks(value: str) -> list[int]:
     return sorted(set(ks))
 
 
-def _check_choices(option: str, values: list[str], allowed: tuple[str, ...]) -> list[str]:
+def check_choices(option: str, values: list[str], allowed: tuple[str, ...]) -> list[str]:
+    """`values` if each is one of `allowed` (duplicates dropped), else a one-line error naming the option."""
     bad = [v for v in values if v not in allowed]
     if bad:
         raise MaskspecError(f"{option}: unknown value(s) {', '.join(bad)}; choose from {', '.join(allowed)}")
@@ -71,8 +73,8 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
     if not console.is_terminal:  # logs and pipes: wide enough for the tables instead of rich's 80 columns
         console.width = max(console.width, 140)
     ks = _parse_ks(k)
-    mode_list = _check_choices("--modes", _split(modes), MODES)
-    baseline_list = _check_choices("--baselines", _split(baselines), BASELINES)
+    mode_list = check_choices("--modes", split_option(modes), MODES)
+    baseline_list = check_choices("--baselines", split_option(baselines), BASELINES)
     if max_new_tokens < 1:
         raise MaskspecError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if repeats < 1:
@@ -81,7 +83,7 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
         raise MaskspecError(f"--temperature must be >= 0, got {temperature}")
     if prompt_lookup_tokens < 1:
         raise MaskspecError(f"--prompt-lookup-tokens must be at least 1, got {prompt_lookup_tokens}")
-    prompts = select_prompts(load_suite(suite), _split(domains) or None, n)
+    prompts = select_prompts(load_suite(suite), split_option(domains) or None, n)
     device = _resolve_device(device)
     torch_dtype = parse_dtype(dtype or ("bf16" if device.startswith("cuda") else "fp32"))
     out = Path(out) if out is not None else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from maskspec.decode.api import StreamChunk, generate, stream
-from maskspec.decode.speculative import MODES
+from maskspec.decode.speculative import MODES, drafts_per_step
 from maskspec.model.mtp import MTPModel
 
 
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
             print(json.dumps({"text": out.text, "new_tokens": s.new_tokens, "forward_passes": s.forward_passes,
                               "tokens_per_pass": round(s.tokens_per_pass, 4), "seconds": round(s.seconds, 4),
                               "tokens_per_second": round(s.tokens_per_second, 2), "mode": mode,
-                              "k": None if mode == "ar" else (k or mtp.default_k), "finish_reason": s.finish_reason,
+                              "k": drafts_per_step(mtp, mode, k) or None, "finish_reason": s.finish_reason,
                               "accepted_histogram": s.accepted_histogram}))
         else:
             sys.stdout.write("\n")

@@ -188,7 +188,8 @@ class MTPModel(nn.Module):
         masks = self.model_attention_mask(attention, position_ids, key_positions, embeds.dtype)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()  # no config: full layers everywhere, windows come from our mask
-        gate_ctx = nullcontext() if keep_gate_for_backward else self.gate.active(mask_rows, fast_linear=self.fast_kernels)
+        gate_ctx = (nullcontext() if keep_gate_for_backward
+                    else self.gate.active(mask_rows, fast_linear=self.fast_kernels))
         with gate_ctx:
             out = self.model.get_decoder()(
                 inputs_embeds=embeds, position_ids=position_ids, attention_mask=masks,

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from maskspec.decode.cli import check_mode
+from maskspec.decode.speculative import drafts_per_step
 from maskspec.errors import MaskspecError
 
 
@@ -48,8 +49,10 @@ def register(app: typer.Typer) -> None:
         if threads:
             torch.set_num_threads(threads)
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device)
-        if mode != "ar" and k is not None and not 1 <= k <= mtp.k:
-            raise MaskspecError(f"--k must be in 1..{mtp.k} (the adapter's k), got {k}")
+        try:
+            drafts = drafts_per_step(mtp, mode, k)  # the decoders' own rule, checked before the server starts
+        except ValueError as exc:
+            raise MaskspecError(f"--k: {exc}") from None
         if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
             typer.secho(f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
                         err=True, fg=typer.colors.YELLOW)
@@ -58,7 +61,7 @@ def register(app: typer.Typer) -> None:
                                       model_name=os.path.basename(str(model).rstrip("/")) if model != "default"
                                       else mtp.model_name)
         typer.secho(f"maskspec serve: {mtp.model_name}, mode {mode}"
-                    f"{'' if mode == 'ar' else f', k {k or mtp.default_k}'}, max batch {max_batch}, "
+                    f"{'' if mode == 'ar' else f', k {drafts}'}, max batch {max_batch}, "
                     f"http://{host}:{port}/v1", err=True)
         try:
             uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="off")
