@@ -87,6 +87,11 @@ class MTPModel(nn.Module):
         self.fast_kernels = True
         # Measured per-device decoding defaults from the adapter's config ({"cpu": {"k": 1, ...}}); see default_k.
         self.decoding_defaults: dict[str, Any] = {}
+        # Optional draft vocabulary (`set_draft_vocab`): buffers, so `.to()` moves them; not part of state_dict.
+        self.register_buffer("draft_vocab", None, persistent=False)
+        self.register_buffer("_draft_head_weight", None, persistent=False)
+        self.register_buffer("_draft_head_bias", None, persistent=False)
+        self.register_buffer("_draft_member", None, persistent=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -238,14 +243,93 @@ class MTPModel(nn.Module):
             logits = linear(hidden, head.weight, head.bias, fast=self.fast_kernels)
         else:
             logits = head(hidden)
+        return self._soft_cap(logits)
+
+    def _soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
     def sampler_logits(self, prev_ids: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        return self.head_logits(self._sampler_hidden(prev_ids, latents))
+
+    def _sampler_hidden(self, prev_ids: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         prev = self.model.get_input_embeddings()(prev_ids).to(latents.dtype)
-        return self.head_logits(self.sampler(prev, latents, fast_linear=self.fast_kernels))
+        return self.sampler(prev, latents, fast_linear=self.fast_kernels)
+
+    # ------------------------------------------------------------------ draft vocabulary
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output head: the size of every full-vocabulary distribution."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def draft_vocab_set(self) -> bool:
+        return self.draft_vocab is not None
+
+    def set_draft_vocab(self, ids: Sequence[int] | torch.Tensor | None) -> None:
+        """Restrict drafts to `ids` (plus each sequence's context tokens, see `draft_ids`); None restores the full
+        vocabulary. Verification always uses the full head, so this changes only which drafts are proposed: the
+        output stays exact (greedy) and exact in distribution (sampling). The matching head rows are kept as one
+        contiguous matrix, so a draft costs a projection over len(ids) rows instead of the whole vocabulary."""
+        if ids is None:
+            self.draft_vocab = self._draft_head_weight = self._draft_head_bias = self._draft_member = None
+            return
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"a draft vocabulary needs a linear output head, this model has {type(head).__name__}")
+        ids = torch.as_tensor(ids).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("the draft vocabulary is empty; pass None for the full vocabulary")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"draft vocabulary ids must be integers, got {ids.dtype}")
+        ids = torch.unique(ids.long())  # sorted
+        vocab = self.vocab_size
+        if int(ids[0]) < 0 or int(ids[-1]) >= vocab:
+            bad = int(ids[0]) if int(ids[0]) < 0 else int(ids[-1])
+            raise ValueError(f"draft vocabulary id {bad} is outside the output head's range 0..{vocab - 1}")
+        device = head.weight.device
+        ids = ids.to(device)
+        member = torch.zeros(vocab, dtype=torch.bool, device=device)
+        member[ids] = True
+        with torch.no_grad():
+            self.draft_vocab = ids
+            self._draft_head_weight = head.weight.detach()[ids].contiguous()
+            self._draft_head_bias = head.bias.detach()[ids].contiguous() if head.bias is not None else None
+            self._draft_member = member
+
+    def draft_extra_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Of `ids` (context tokens), those the draft vocabulary lacks: sorted, unique."""
+        ids = ids.reshape(-1).to(self.device, torch.long)
+        if self._draft_member is None or ids.numel() == 0:
+            return ids.new_empty(0)
+        return torch.unique(ids[~self._draft_member[ids]])
+
+    def draft_ids(self, extra_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The ids a draft may be: the draft vocabulary, then the `extra_ids` (a sequence's context tokens) it
+        lacks, sorted; None when no draft vocabulary is set (every id)."""
+        if self.draft_vocab is None:
+            return None
+        if extra_ids is None:
+            return self.draft_vocab
+        return torch.cat([self.draft_vocab, self.draft_extra_ids(extra_ids)])
+
+    def draft_logits(self, prev_ids: torch.Tensor, latents: torch.Tensor, extra_ids: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sampler logits over the ids a draft may be, and those ids (`draft_ids(extra_ids)`): (rows, len(ids))
+        and (len(ids),). Without a draft vocabulary: the full `sampler_logits` and None."""
+        hidden = self._sampler_hidden(prev_ids, latents)
+        if self.draft_vocab is None:
+            return self.head_logits(hidden), None
+        logits = linear(hidden, self._draft_head_weight, self._draft_head_bias, fast=self.fast_kernels)
+        extra = self.draft_extra_ids(extra_ids) if extra_ids is not None else None
+        if extra is None or extra.numel() == 0:
+            return self._soft_cap(logits), self.draft_vocab
+        head = self.model.get_output_embeddings()
+        bias = head.bias[extra] if head.bias is not None else None
+        logits = torch.cat([logits, linear(hidden, head.weight[extra], bias, fast=self.fast_kernels)], dim=-1)
+        return self._soft_cap(logits), torch.cat([self.draft_vocab, extra])
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: Any = None, **kwargs: Any) -> "GenerationOutput":
