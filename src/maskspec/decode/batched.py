@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from transformers import DynamicCache
 
-from maskspec.decode.speculative import DraftProposal, drafts_per_step, step_block_heads
+from maskspec.decode.speculative import DraftContext, DraftProposal, drafts_per_step, pick_draft, step_block_heads
 from maskspec.decode.types import GenerationStats
 from maskspec.decode.verify import SamplingConfig, accept_greedy, accept_sampling, sample, warped_probs
 from maskspec.model.layout import Layout, build_layout
@@ -53,6 +53,7 @@ class BatchSequence:
     proposal: DraftProposal = field(default_factory=DraftProposal)
     cache_len: int = 0  # valid KV entries: the prompt and every output token but y0
     started: float = 0.0
+    context: DraftContext | None = None  # what the drafts may be besides the draft vocabulary
 
     @property
     def finish_reason(self) -> str:
@@ -101,6 +102,7 @@ class BatchedDecoder:
         seq.stats.prompt_tokens = len(prompt_ids)
         seq.stats.accepted_histogram = [0] * (self.k + 1)
         seq.started = time.perf_counter()
+        seq.context = DraftContext(self.mtp, prompt_ids if self.k else ())
         if seq.max_new_tokens <= 0:
             seq.finished = True
             seq.stats.finish_reason = "length"
@@ -238,6 +240,8 @@ class BatchedDecoder:
             tokens = tokens[:hit + 1]
         tokens = tokens[:s.max_new_tokens - len(s.output)]
         s.output.extend(tokens)
+        if self.k:
+            s.context.add(tokens)
         s.stats.new_tokens = len(s.output)
         s.y0 = tokens[-1] if tokens else s.y0
         if hit is not None:
@@ -270,19 +274,35 @@ class BatchedDecoder:
             return
         latents = torch.stack([c[1] for c in chains])  # (S, k, d)
         prev = torch.tensor([c[2] for c in chains], device=latents.device)
+        extra, allowed = self._draft_columns([c[0] for c in chains])
+        vocab_size = self.mtp.vocab_size
         for j in range(latents.shape[1]):
-            logits = self.mtp.sampler_logits(prev, latents[:, j])
+            logits, ids = self.mtp.draft_logits(prev, latents[:, j], extra)
             tokens = []
             for i, (s, _, _) in enumerate(chains):
-                if s.sampling.greedy:
-                    token = int(logits[i].argmax())
-                else:
-                    probs = warped_probs(logits[i], s.sampling)
-                    token = sample(probs, s.generator)
+                row, row_ids = logits[i], ids
+                if allowed[i] is not None:
+                    row, row_ids = row[allowed[i]], ids[allowed[i]]
+                token, probs = pick_draft(row, row_ids, s.sampling, s.generator, vocab_size)
+                if probs is not None:
                     s.proposal.probs.append(probs)
                 s.proposal.tokens.append(token)
                 tokens.append(token)
             prev = torch.tensor(tokens, device=latents.device)
+
+    def _draft_columns(self, seqs: list[BatchSequence]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """The extra ids of one batched draft projection (every sequence's context tokens that the draft vocabulary
+        lacks) and, per sequence, which columns of it are its own (None: all). Each sequence then drafts over
+        exactly the ids single-sequence decoding would give it."""
+        if not self.mtp.draft_vocab_set:
+            return None, [None] * len(seqs)
+        own = [self.mtp.draft_extra_ids(s.context.extra_ids) for s in seqs]
+        extra = torch.unique(torch.cat(own))
+        allowed: list[torch.Tensor | None] = []
+        vocab = torch.ones(self.mtp.draft_vocab.numel(), dtype=torch.bool, device=extra.device)
+        for ids in own:
+            allowed.append(None if ids.numel() == extra.numel() else torch.cat([vocab, torch.isin(extra, ids)]))
+        return extra, allowed
 
     # ------------------------------------------------------------------ batched forward and cache
     def _forward(self, seqs: list[BatchSequence], cache: DynamicCache | None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -32,21 +32,58 @@ MODES = ("ar", "linear", "quadratic")
 @dataclass
 class DraftProposal:
     tokens: list[int] = field(default_factory=list)
-    probs: list[torch.Tensor] = field(default_factory=list)  # per draft, when sampling
+    probs: list[torch.Tensor] = field(default_factory=list)  # per draft, when sampling (full vocabulary)
+
+
+class DraftContext:
+    """A sequence's context tokens (prompt + verified output) that the draft vocabulary lacks: drafts may be these
+    too (`MTPModel.draft_ids`). Kept incrementally: each step looks only at tokens not seen before."""
+
+    def __init__(self, mtp: MTPModel, tokens: Sequence[int] = ()) -> None:
+        self.mtp = mtp
+        self.seen: set[int] = set()
+        # None without a draft vocabulary (drafts range over every id); else the extra ids, unordered.
+        self.extra_ids: torch.Tensor | None = None
+        if mtp.draft_vocab_set:
+            self.extra_ids = torch.empty(0, dtype=torch.long, device=mtp.device)
+            self.add(tokens)
+
+    def add(self, tokens: Sequence[int]) -> None:
+        if self.extra_ids is None:
+            return
+        new = [t for t in dict.fromkeys(tokens) if t not in self.seen]
+        if new:
+            self.seen.update(new)
+            extra = self.mtp.draft_extra_ids(torch.tensor(new, dtype=torch.long, device=self.extra_ids.device))
+            if extra.numel():
+                self.extra_ids = torch.cat([self.extra_ids, extra])
+
+
+def pick_draft(logits: torch.Tensor, ids: torch.Tensor | None, cfg: SamplingConfig,
+               generator: torch.Generator | None, vocab_size: int) -> tuple[int, torch.Tensor | None]:
+    """One draft from sampler logits over `ids` (None: the whole vocabulary): the argmax, or a sample from the
+    warped distribution over those ids. That distribution is returned as a full-vocabulary vector, zero outside
+    `ids`: the q that the acceptance rule compares with the base model's p."""
+    if cfg.greedy:
+        best = int(logits.argmax())
+        return (best if ids is None else int(ids[best])), None
+    probs = warped_probs(logits, cfg)
+    if ids is not None:
+        probs = probs.new_zeros(vocab_size).index_copy_(0, ids, probs)
+    return sample(probs, generator), probs
 
 
 def propose_drafts(mtp: MTPModel, latents: torch.Tensor, prev_token: int, cfg: SamplingConfig,
-                   generator: torch.Generator | None) -> DraftProposal:
-    """Sampler chain over one mask block: draft j from the sampler at mask j with prev = the token before it."""
+                   generator: torch.Generator | None, extra_ids: torch.Tensor | None = None) -> DraftProposal:
+    """Sampler chain over one mask block: draft j from the sampler at mask j with prev = the token before it.
+    Drafts range over `mtp.draft_ids(extra_ids)` (the draft vocabulary and the context tokens it lacks)."""
     proposal = DraftProposal()
     prev = prev_token
+    vocab_size = mtp.vocab_size
     for j in range(latents.shape[0]):
-        logits = mtp.sampler_logits(torch.tensor([prev], device=latents.device), latents[j:j + 1])[0]
-        if cfg.greedy:
-            token = int(logits.argmax())
-        else:
-            probs = warped_probs(logits, cfg)
-            token = sample(probs, generator)
+        logits, ids = mtp.draft_logits(torch.tensor([prev], device=latents.device), latents[j:j + 1], extra_ids)
+        token, probs = pick_draft(logits[0], ids, cfg, generator, vocab_size)
+        if probs is not None:
             proposal.probs.append(probs)
         proposal.tokens.append(token)
         prev = token
@@ -88,9 +125,14 @@ class SpeculativeDecoder:
             self.generator.manual_seed(seed if seed is not None else torch.seed())
         # Replaceable in tests (an oracle drafter exercises long accepted runs).
         self.propose: Callable[[MTPModel, torch.Tensor, int, SamplingConfig, torch.Generator | None],
-                               DraftProposal] = propose_drafts
+                               DraftProposal] = self._sampler_drafts
         self.cache: DynamicCache | None = None
         self.generated: list[int] = []  # verified output so far (the drafters' context)
+        self.context = DraftContext(mtp)
+
+    def _sampler_drafts(self, mtp: MTPModel, latents: torch.Tensor, prev_token: int, cfg: SamplingConfig,
+                        generator: torch.Generator | None) -> DraftProposal:
+        return propose_drafts(mtp, latents, prev_token, cfg, generator, self.context.extra_ids)
 
     def _block_heads(self, num_normal: int, prefill: bool) -> list[int]:
         return step_block_heads(self.mode, self.k, num_normal, prefill)
@@ -113,11 +155,12 @@ class SpeculativeDecoder:
             return
         self.cache = None
         self.generated = []
+        self.context = DraftContext(self.mtp, prompt_ids if self.k else ())
         start = time.perf_counter()
         # Prefill: the prompt, plus one mask block after its last token for the first drafts.
         hidden, layout = self._forward(prompt_ids, self._block_heads(len(prompt_ids), prefill=True), 0)
         y0 = self._first_token(hidden, layout)
-        self.generated.append(y0)
+        self._record([y0])
         proposal = self._next_drafts(hidden, layout, head=len(prompt_ids) - 1, bonus=y0)
         crop_cache(self.cache, len(prompt_ids))
         stats.forward_passes = 1
@@ -136,7 +179,7 @@ class SpeculativeDecoder:
                 hidden, layout = self._forward(tokens, self._block_heads(len(tokens), prefill=False), past)
                 accepted, bonus = self._verify(hidden, layout, drafts)
                 new_tokens = drafts.tokens[:accepted] + [bonus]
-                self.generated.extend(new_tokens)
+                self._record(new_tokens)
                 proposal = self._next_drafts(hidden, layout, head=accepted, bonus=bonus)
                 crop_cache(self.cache, past + 1 + accepted)
                 y0 = new_tokens[-1]
@@ -147,6 +190,11 @@ class SpeculativeDecoder:
                 yield new_tokens
         finally:
             stats.decode_seconds = time.perf_counter() - decode_start
+
+    def _record(self, tokens: list[int]) -> None:
+        self.generated.extend(tokens)
+        if self.k:
+            self.context.add(tokens)
 
     def _verify(self, hidden: torch.Tensor, layout: Layout, drafts: DraftProposal) -> tuple[int, int]:
         """(drafts accepted, the token after them). Logits only for the normal rows."""
