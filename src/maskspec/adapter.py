@@ -3,6 +3,9 @@
 Loading checks, in order, and fails with one line saying what is wrong and what to do: the folder and both files
 exist, the config is valid JSON of a supported format version, the weights file is a readable safetensors
 file, the base model matches (a fingerprint of its weights and the tensor shapes).
+
+The weights file may also hold `draft_vocab` (int64, 1-D): the token ids drafts are restricted to
+(`MTPModel.set_draft_vocab`). Adapters without it decode with the full vocabulary.
 """
 
 from __future__ import annotations
@@ -10,15 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
 from maskspec import __version__
 from maskspec.errors import AdapterError
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
+DRAFT_VOCAB_KEY = "draft_vocab"
 DEFAULT_ADAPTER = "default"
 SHIPPED_ADAPTER_DIR = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
 
@@ -101,6 +106,8 @@ def save_adapter(mtp: "MTPModel", folder: str | Path, training: dict[str, Any] |
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().contiguous().cpu() for name, t in mtp.adapter_state_dict().items()}
+    if mtp.draft_vocab is not None:
+        state[DRAFT_VOCAB_KEY] = mtp.draft_vocab.detach().cpu()
     hidden = mtp.mask_embeddings.shape[1]
     config = AdapterConfig(
         format_version=FORMAT_VERSION, k=mtp.config.k, rank=mtp.config.rank, alpha=mtp.config.alpha,
@@ -109,9 +116,13 @@ def save_adapter(mtp: "MTPModel", folder: str | Path, training: dict[str, Any] |
         base_fingerprint=base_fingerprint(mtp.model), dtype=str(mtp.mask_embeddings.dtype).replace("torch.", ""),
         maskspec_version=__version__, training=training,
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    # Created like any new folder and file (mode from the umask): tempfile.mkdtemp and safetensors' save_file
+    # would leave them readable by the owner only.
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "maskspec_format": str(FORMAT_VERSION)})
+        (tmp / WEIGHTS_FILE).write_bytes(save(state, metadata={"format": "pt",
+                                                               "maskspec_format": str(FORMAT_VERSION)}))
         (tmp / CONFIG_FILE).write_text(json.dumps(config.__dict__, indent=2) + "\n")
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -166,6 +177,9 @@ def load_adapter(mtp: "MTPModel", folder: str | Path, check_fingerprint: bool = 
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterError(f"{folder / WEIGHTS_FILE} is corrupt or truncated ({exc}); re-save or re-train the "
                            "adapter") from None
+    draft_vocab = tensors.pop(DRAFT_VOCAB_KEY, None)
+    if draft_vocab is not None:
+        check_draft_vocab(draft_vocab, mtp.vocab_size, folder / WEIGHTS_FILE)
     expected = mtp.adapter_state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -180,5 +194,55 @@ def load_adapter(mtp: "MTPModel", folder: str | Path, check_fingerprint: bool = 
     with torch.no_grad():
         for name, target in expected.items():
             target.copy_(tensors[name].to(target.dtype))
+    try:
+        mtp.set_draft_vocab(draft_vocab)
+    except ValueError as exc:
+        raise AdapterError(f"adapter {folder}: {exc}") from None
     mtp.decoding_defaults = dict(config.decoding or {})
     return config
+
+
+def check_draft_vocab(ids: torch.Tensor, vocab_size: int, where: str | Path) -> None:
+    """A draft vocabulary as stored: a non-empty 1-D int64 tensor of ids of the output head. AdapterError if not."""
+    if ids.dtype != torch.int64 or ids.dim() != 1:
+        raise AdapterError(f"{where}: {DRAFT_VOCAB_KEY} must be a 1-D int64 tensor of token ids, got "
+                           f"{str(ids.dtype).replace('torch.', '')} of shape {list(ids.shape)}; rewrite it with "
+                           "`maskspec draft-vocab`")
+    if ids.numel() == 0:
+        raise AdapterError(f"{where}: {DRAFT_VOCAB_KEY} is empty; rewrite it with `maskspec draft-vocab` (--size 0 "
+                           "removes it)")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise AdapterError(f"{where}: {DRAFT_VOCAB_KEY} holds id {low if low < 0 else high}, outside the model's "
+                           f"vocabulary 0..{vocab_size - 1}; it was made for another model")
+
+
+def write_draft_vocab(folder: str | Path, ids: Sequence[int] | torch.Tensor | None, vocab_size: int) -> Path:
+    """Set (or with None remove) the draft vocabulary of an existing adapter folder. The weights file is rewritten
+    atomically (a temporary file in the same folder, then a rename) and keeps its metadata and file mode."""
+    folder = Path(folder)
+    read_adapter_config(folder)
+    path = folder / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{path} is corrupt or truncated ({exc}); re-save or re-train the adapter") from None
+    tensors.pop(DRAFT_VOCAB_KEY, None)
+    if ids is not None:
+        vocab = torch.unique(torch.as_tensor(ids, dtype=torch.int64).reshape(-1))
+        check_draft_vocab(vocab, vocab_size, path)
+        tensors[DRAFT_VOCAB_KEY] = vocab
+    mode = os.stat(path).st_mode & 0o7777
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(save(tensors, metadata=metadata))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
