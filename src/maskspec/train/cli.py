@@ -88,6 +88,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of init, data order and block subsets."),
         cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even when a GPU is available."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        draft_vocab: int = typer.Option(8192, "--draft-vocab", help="Draft vocabulary saved with the adapter: the N "
+                                        "most frequent answer tokens of the data (0: drafts use the full "
+                                        "vocabulary)."),
     ) -> None:
         from maskspec.train.trainer import TrainConfig, train
 
@@ -99,7 +102,7 @@ def register(app: typer.Typer) -> None:
                           ce_weight=ce_weight, sampler_weight=sampler_weight, lcm_weight=lcm_weight,
                           kl_weight=kl_weight, save_every=save_every, keep_checkpoints=keep_checkpoints,
                           eval_every=eval_every, eval_size=eval_size, resume=resume, seed=seed, progress=progress,
-                          cpu=cpu)
+                          cpu=cpu, draft_vocab=draft_vocab)
         result = train(cfg)
         last = result.history[-1] if result.history else {}
         from accelerate import PartialState

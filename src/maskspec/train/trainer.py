@@ -79,6 +79,8 @@ class TrainConfig:
     lcm_weight: float = 1.0
     kl_weight: float = 0.0
     chunk_rows: int = 1024
+    # draft vocabulary saved with the adapter: the N most frequent answer tokens of the data (0: full vocabulary)
+    draft_vocab: int = 8192
     # bookkeeping
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -99,6 +101,7 @@ class TrainConfig:
             (self.max_blocks is None or self.max_blocks >= 1, "--max-blocks must be >= 1"),
             (self.schedule in ("constant", "cosine"), "--schedule must be 'constant' or 'cosine'"),
             (self.save_every >= 1, "--save-every must be >= 1"), (self.eval_every >= 0, "--eval-every must be >= 0"),
+            (self.draft_vocab >= 0, "--draft-vocab must be >= 0"),
             (min(self.ce_weight, self.sampler_weight, self.lcm_weight, self.kl_weight) >= 0,
              "loss weights must be >= 0"),
         ]
@@ -407,6 +410,14 @@ def _load_examples(cfg: TrainConfig, tokenizer, eos_ids: Sequence[int]) -> list[
     return tokenize_records(tokenizer, records, cfg.max_length, eos_ids).examples
 
 
+def _set_draft_vocab(mtp, size: int, examples: Sequence[Example]) -> None:
+    """The adapter's draft vocabulary, from the tokens it is trained to predict (saved with every checkpoint)."""
+    from maskspec.train.draft_vocab import choose_draft_vocab
+
+    ids = choose_draft_vocab(examples, size, mtp.vocab_size, mtp.eos_token_ids).ids if size > 0 else None
+    mtp.set_draft_vocab(ids)
+
+
 def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = None,
           eval_examples: Sequence[Example] | None = None,
           on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
@@ -459,6 +470,7 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
         held_out = list(eval_examples)
     if not train_examples:
         raise TrainError("no training examples")
+    _set_draft_vocab(mtp, cfg.draft_vocab, examples)
     stream = DataStream(train_examples, cfg.seed)
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
