@@ -7,6 +7,11 @@ same whichever step computes them, up to floating-point rounding. And a step acc
 that equals the continuation, so along that run the sampler's previous draft *is* the true token: feeding the
 true previous token (teacher forcing) gives the same run length.
 
+With a draft vocabulary (`MTPModel.set_draft_vocab`), the drafts of the block after token i range over the
+vocabulary plus the context decoding has at that point (the prompt and the continuation up to the token after
+i, the chain's first previous token); the drafter "sampler" does the same here, "sampler-full" scores the full
+vocabulary.
+
 So one forward over prompt + continuation with a block after every position gives, per position, the number
 of leading drafts that would be accepted (`matches`). Walking those with the decoder's rules (`simulate`)
 gives the passes and tokens per pass for any k up to the adapter's, in seconds instead of one full decoding
@@ -25,7 +30,9 @@ from maskspec.bench.runner import DRAFT_MODES
 from maskspec.model.layout import build_layout
 from maskspec.model.mtp import MTPModel
 
-DRAFTERS = ("sampler", "head")  # sampler chain (what decoding uses) or the base head's argmax at each mask
+# The sampler chain as decoding runs it (draft vocabulary + context, if the adapter has one), the sampler over the
+# full vocabulary, or the base head's argmax at each mask.
+DRAFTERS = ("sampler", "sampler-full", "head")
 _LOGIT_CHUNK = 256  # rows per vocabulary projection: bounds memory at chunk x vocab floats
 
 
@@ -84,12 +91,29 @@ def draft_matches(mtp: MTPModel, prompt_ids: Sequence[int], continuation: Sequen
     target_t = torch.tensor(targets, device=mtp.device)
     prev_t = torch.tensor(prevs, device=mtp.device)
     block_t, slot_t = torch.tensor(block_of), torch.tensor(slot_of)
+    # Draft vocabulary: every context token it lacks gets a column; the block after head h may use those that
+    # occur in sequence[:h + 2] (what decoding has seen when it drafts from that block).
+    seq_t = torch.tensor(sequence, device=mtp.device)
+    extra = mtp.draft_extra_ids(seq_t) if mtp.draft_vocab_set else None
+    if extra is not None:
+        first_seen = torch.full((mtp.vocab_size,), len(sequence), dtype=torch.long, device=mtp.device)
+        first_seen.scatter_reduce_(0, seq_t, torch.arange(len(sequence), device=mtp.device), "amin")
+        extra_seen = first_seen[extra]
+        head_t = torch.tensor(heads, device=mtp.device)[torch.tensor(block_of, device=mtp.device)]
     for start in range(0, len(rows), _LOGIT_CHUNK):
         part = slice(start, start + _LOGIT_CHUNK)
         latents = hidden.index_select(0, row_t[part])
         for name in drafters:
-            logits = (mtp.sampler_logits(prev_t[part], latents) if name == "sampler" else mtp.head_logits(latents))
-            hits[name][block_t[part], slot_t[part]] = (logits.argmax(-1) == target_t[part]).cpu()
+            if name == "head":
+                tokens = mtp.head_logits(latents).argmax(-1)
+            elif name == "sampler-full" or extra is None:
+                tokens = mtp.sampler_logits(prev_t[part], latents).argmax(-1)
+            else:
+                logits, ids = mtp.draft_logits(prev_t[part], latents, extra)
+                unseen = extra_seen[None, :] > head_t[part, None] + 1
+                logits[:, mtp.draft_vocab.numel():].masked_fill_(unseen, float("-inf"))
+                tokens = ids[logits.argmax(-1)]
+            hits[name][block_t[part], slot_t[part]] = (tokens == target_t[part]).cpu()
 
     total = torch.bincount(slot_t, minlength=k).tolist()
     matches, offset_hits = {}, {}

@@ -18,7 +18,9 @@ ACCEPTANCE_HELP = (
     "run per k.\n\n"
     "Each prompt is decoded once (the exact reference loop), then one pass over prompt + answer with a mask "
     "block after every token gives, per position, how many drafts would be accepted. Also reports teacher-forced "
-    "accuracy per mask offset, for the sampler and for the base head's argmax at the masks (--drafters)."
+    "accuracy per mask offset, for the sampler and for the base head's argmax at the masks (--drafters). With a "
+    "draft vocabulary in the adapter, 'sampler' drafts from it (and the context) as decoding does; "
+    "'sampler-full' scores the sampler over the full vocabulary."
 )
 
 
@@ -143,7 +145,8 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
     rows = summarize(profiles, mtp.k, drafter_list, mode_list)
     config = {"model": model, "adapter": str(adapter), "adapter_k": mtp.k,
               "suite": str(suite) if suite else "built-in", "n": n, "prompts": len(prompts),
-              "max_new_tokens": max_new_tokens, "drafters": drafter_list, "modes": mode_list, "device": device,
+              "max_new_tokens": max_new_tokens, "drafters": drafter_list, "modes": mode_list,
+              "draft_vocab": int(mtp.draft_vocab.numel()) if mtp.draft_vocab_set else None, "device": device,
               "dtype": dtype, "seconds": round(time.perf_counter() - started, 1)}
     payload = {"config": config, "system": system_info(device, mtp.dtype), "results": rows,
                "prompts": [p.to_dict() for p in profiles]}
@@ -188,8 +191,9 @@ def register(app: typer.Typer) -> None:
         domains: Optional[str] = typer.Option(None, "--domains", help="Comma-separated domains to run."),
         n: Optional[int] = typer.Option(None, "--n", help="Prompts per domain (default: all)."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="New tokens per answer at most."),
-        drafters: str = typer.Option("sampler,head", "--drafters", help="sampler (what decoding uses) and/or head "
-                                                                        "(the base head's argmax at the masks)."),
+        drafters: str = typer.Option("sampler,head", "--drafters", help="sampler (what decoding uses), "
+                                     "sampler-full (the sampler over the full vocabulary, not the adapter's draft "
+                                     "vocabulary) and/or head (the base head's argmax at the masks)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
                                                                "bench-results/acceptance-<timestamp>)."),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
