@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -61,16 +62,36 @@ def trained_tiny(tmp_path_factory):
         return mtp, prompts
 
 
-def test_simulated_passes_equal_real_decoding(trained_tiny, tmp_path):
+@pytest.mark.parametrize("vocab", ["trained", "full", "small"])
+def test_simulated_passes_equal_real_decoding(trained_tiny, vocab):
+    """For the draft vocabulary that training chose, for none, and for a small one that lacks many answer tokens
+    (drafts then come from the vocabulary and the context, in decoding and in the simulation alike)."""
     mtp, prompts = trained_tiny
-    accepted_drafts, short_blocks = 0, 0
+    trained_vocab = mtp.draft_vocab
+    assert trained_vocab is not None  # `train` gives every adapter one by default
+    if vocab != "trained":
+        mtp.set_draft_vocab(None if vocab == "full" else sorted(random.Random(0).sample(range(3, 128), 30) + [2]))
+    try:
+        _check_simulated_passes(mtp, prompts, vocab)
+    finally:
+        mtp.set_draft_vocab(trained_vocab)
+
+
+def _check_simulated_passes(mtp, prompts, vocab):
+    accepted_drafts, short_blocks, restricted, from_context = 0, 0, 0, 0
+    allowed = set(mtp.draft_vocab.tolist()) if mtp.draft_vocab_set else None
     for prompt in prompts:
         answer = list(generate(mtp, prompt, max_new_tokens=30, mode="ar").new_token_ids)
-        matches, hits, total = draft_matches(mtp, prompt, answer)
+        matches, hits, total = draft_matches(mtp, prompt, answer, ["sampler", "sampler-full"])
         assert len(matches["sampler"]) == len(answer)
         accepted_drafts += sum(matches["sampler"])
         # block i predicts answer[i + 1:], so at most min(k, len(answer) - 1 - i) drafts can match
         short_blocks += sum(m < min(mtp.k, len(answer) - 1 - i) for i, m in enumerate(matches["sampler"]))
+        restricted += sum(a != b for a, b in zip(matches["sampler"], matches["sampler-full"]))
+        if allowed is not None:  # accepted drafts outside the vocabulary: context tokens
+            sequence = prompt + answer
+            from_context += sum(sequence[len(prompt) + i + 1 + j] not in allowed
+                                for i, m in enumerate(matches["sampler"]) for j in range(m))
         for mode in ("quadratic", "linear"):
             for k in range(1, mtp.k + 1):
                 real = generate(mtp, prompt, max_new_tokens=30, mode=mode, k=k)
@@ -80,6 +101,10 @@ def test_simulated_passes_equal_real_decoding(trained_tiny, tmp_path):
         assert sum(total) > 0 and all(0 <= h <= t for h, t in zip(hits["sampler"], total))
     # The comparison is not vacuous: many drafts were accepted, and some blocks had a rejection.
     assert accepted_drafts > 30 and short_blocks > 0
+    if vocab == "full":
+        assert restricted == 0
+    if vocab == "small":  # the small vocabulary changed the drafts, and context tokens were drafted and accepted
+        assert restricted > 0 and from_context > 0
 
 
 def test_acceptance_cli(tmp_path, monkeypatch):
@@ -126,3 +151,27 @@ def test_acceptance_cli(tmp_path, monkeypatch):
     answers.write_text("{not json")
     broken = CliRunner().invoke(app, args + ["--answers", str(answers)])
     assert broken.exit_code != 0 and "--answers" in str(broken.exception)
+
+
+def test_acceptance_cli_with_draft_vocab(tmp_path):
+    from maskspec.adapter import write_draft_vocab
+    from maskspec.cli import app
+    from maskspec.hub import load_model_and_tokenizer
+    from maskspec.model.mtp import MTPConfig, MTPModel, randomize_adapter_
+
+    model_dir = tiny_chat_model_folder(tmp_path / "tiny")
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    mtp = randomize_adapter_(MTPModel(model, tokenizer, MTPConfig(k=2, rank=4)), seed=1)
+    adapter = mtp.save_adapter(tmp_path / "adapter")
+    vocab = set(range(200)) | {tokenizer.eos_token_id}
+    write_draft_vocab(adapter, sorted(vocab), len(tokenizer))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["acceptance", "--model", str(model_dir), "--adapter", str(adapter), "--domains",
+                                      "math", "--n", "1", "--max-new-tokens", "6", "--drafters",
+                                      "sampler,sampler-full", "--modes", "quadratic", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    payload = json.loads((out / "acceptance.json").read_text())
+    assert payload["config"]["draft_vocab"] == len(vocab)
+    assert [(r["domain"], r["drafter"]) for r in payload["results"]] == [
+        ("math", "sampler"), ("math", "sampler-full"), ("all", "sampler"), ("all", "sampler-full")]
+    assert set(payload["prompts"][0]["matches"]) == {"sampler", "sampler-full"}
