@@ -2,6 +2,7 @@
 
 import copy
 import random
+import zlib
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def _hf_greedy(model, ids, max_new=MAX_NEW):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_lossless_greedy_random_adapter(arch):
     mtp = _mtp(arch)
-    prompts = _prompts(NUM_PROMPTS, seed=hash(arch) % 1000)
+    prompts = _prompts(NUM_PROMPTS, seed=zlib.crc32(arch.encode()) % 1000)  # hash() varies per process
     refs = [_hf_greedy(mtp.model, ids) for ids in prompts]
     assert any(2 in r for r in refs), "some references should end at EOS"
     passes_saved = 0
