@@ -8,7 +8,8 @@ guesses for the tokens after y0. One step feeds [y0, d1..dm] plus mask blocks (l
   yields k new drafts.
 The normal rows verify the drafts (verify.py), the cache is cropped to y0 + accepted drafts (their K/V are the
 base model's, since normal rows never see masks and LoRA is off on them), and the next drafts are drawn from
-the sampler head, chained from the token just emitted.
+the sampler head, chained from the token just emitted. With a draft vocabulary (`MTPModel.set_draft_vocab`) the
+drafts range over it and the sequence's context tokens only; verification still uses the full head.
 """
 
 from __future__ import annotations

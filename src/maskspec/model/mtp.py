@@ -322,14 +322,14 @@ class MTPModel(nn.Module):
         hidden = self._sampler_hidden(prev_ids, latents)
         if self.draft_vocab is None:
             return self.head_logits(hidden), None
+        ids = self.draft_ids(extra_ids)
         logits = linear(hidden, self._draft_head_weight, self._draft_head_bias, fast=self.fast_kernels)
-        extra = self.draft_extra_ids(extra_ids) if extra_ids is not None else None
-        if extra is None or extra.numel() == 0:
-            return self._soft_cap(logits), self.draft_vocab
-        head = self.model.get_output_embeddings()
-        bias = head.bias[extra] if head.bias is not None else None
-        logits = torch.cat([logits, linear(hidden, head.weight[extra], bias, fast=self.fast_kernels)], dim=-1)
-        return self._soft_cap(logits), torch.cat([self.draft_vocab, extra])
+        extra = ids[self.draft_vocab.numel():]
+        if extra.numel():  # context tokens outside the vocabulary: their few head rows, gathered per call
+            head = self.model.get_output_embeddings()
+            bias = head.bias[extra] if head.bias is not None else None
+            logits = torch.cat([logits, linear(hidden, head.weight[extra], bias, fast=self.fast_kernels)], dim=-1)
+        return self._soft_cap(logits), ids
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: Any = None, **kwargs: Any) -> "GenerationOutput":
