@@ -288,9 +288,9 @@ def test_bad_draft_vocab_in_file_is_an_adapter_error(tmp_path):
     mtp = _mtp("llama", k=3)
     good = mtp.save_adapter(tmp_path / "good")
     tensors = load_file(str(good / "adapter.safetensors"))
-    cases = [(torch.tensor([2.0, 3.0]), "int64"), (torch.tensor([[2, 3]]), "1-D"), (torch.tensor([2, VOCAB]), "outside"),
-             (torch.tensor([-1, 5]), "outside"), (torch.tensor([], dtype=torch.int64), "empty"),
-             (torch.tensor([2, 3], dtype=torch.int32), "int64")]
+    cases = [(torch.tensor([2.0, 3.0]), "int64"), (torch.tensor([[2, 3]]), "1-D"),
+             (torch.tensor([2, VOCAB]), "outside"), (torch.tensor([-1, 5]), "outside"),
+             (torch.tensor([], dtype=torch.int64), "empty"), (torch.tensor([2, 3], dtype=torch.int32), "int64")]
     for i, (bad, match) in enumerate(cases):
         folder = tmp_path / f"bad{i}"
         folder.mkdir()
@@ -331,13 +331,14 @@ def test_training_saves_a_draft_vocab(tmp_path):
     from maskspec.train.trainer import TrainConfig, train
 
     examples = synthetic_examples(count=4)
-    for size, expected in ((6, choose_draft_vocab(examples, 6, VOCAB, [2]).ids), (0, None)):
+    chosen = choose_draft_vocab(examples, 6, VOCAB, [2]).ids
+    assert len(chosen) == 6 and 2 in chosen
+    for size, expected in ((6, chosen), (0, None)):
         out = tmp_path / f"size{size}"
         train(TrainConfig(out=str(out), k=2, rank=4, steps=1, batch_size=2, warmup=0, progress=False, eval_size=0,
                           draft_vocab=size), mtp=tiny_mtp(k=2, rank=4), examples=examples)
         stored = load_file(str(out / "adapter.safetensors")).get("draft_vocab")
         assert (stored.tolist() if stored is not None else None) == expected
-    assert len(expected or choose_draft_vocab(examples, 6, VOCAB, [2]).ids) == 6
 
 
 # ---------------------------------------------------------------- `maskspec draft-vocab`

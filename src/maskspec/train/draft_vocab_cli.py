@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-DRAFT_VOCAB_HELP = """Give an adapter a draft vocabulary: the SIZE most frequent answer tokens of chat records (and the \
-EOS ids).
+DRAFT_VOCAB_HELP = """Give an adapter a draft vocabulary: the EOS ids and the most frequent answer tokens of chat \
+records, --size ids in all.
 
 Drafts are then chosen among those ids and the tokens of the sequence's context only, which makes each draft \
 cheaper; verification still uses the full vocabulary, so the output does not change. `maskspec train` already \
