@@ -102,7 +102,8 @@ def register(app: typer.Typer) -> None:
                           ce_weight=ce_weight, sampler_weight=sampler_weight, lcm_weight=lcm_weight,
                           kl_weight=kl_weight, save_every=save_every, keep_checkpoints=keep_checkpoints,
                           eval_every=eval_every, eval_size=eval_size, resume=resume, seed=seed, progress=progress,
-                          cpu=cpu, draft_vocab=draft_vocab)
+                          cpu=cpu)
+        cfg.draft_vocab = draft_vocab
         result = train(cfg)
         last = result.history[-1] if result.history else {}
         from accelerate import PartialState
