@@ -5,9 +5,11 @@
 #   GPU=1 recipes/smollm2-135m.sh OUT_DIR      # the same recipe with GPU sizes
 #   ACCEPT_N=20 BENCH_N=20 ...                  # then measure: tau for every k, and wall clock
 #
-# Every size is an environment variable, so a run can be scaled to the time it has. Stages are resumable:
-# distill skips answered prompts, train continues from its latest checkpoint (--resume). A stage that hits
-# its time limit keeps what it finished; train then exports its latest checkpoint as the adapter.
+# Every size is an environment variable, so a run can be scaled to the time it has (TOTAL_SECONDS, if set,
+# caps distill + train together). Stages are resumable: distill skips answered prompts (it answers them in a
+# seeded random order, so a stopped run has every domain), train continues from its latest checkpoint (--resume).
+# Training stops itself at TRAIN_SECONDS with its cosine schedule fitted to the steps that fit (--time-limit);
+# INIT_ADAPTER=FOLDER continues an existing adapter.
 set -euo pipefail
 
 OUT=${1:?usage: recipes/smollm2-135m.sh OUT_DIR}
@@ -30,16 +32,26 @@ start=$(date +%s)
 echo "== distill: up to $PER_DOMAIN prompts per domain, answers up to $MAX_NEW tokens (limit ${DISTILL_SECONDS}s)"
 timeout "$DISTILL_SECONDS" $MASKSPEC distill --prompts "$PROMPTS" --out "$OUT/distill.jsonl" \
   --per-domain "$PER_DOMAIN" --max-new-tokens "$MAX_NEW" --batch-size "$DISTILL_BATCH" --seed "$SEED" \
-  --device "$DEVICE" --no-progress || echo "distill stopped (status $?); training on what was answered"
+  --shuffle --device "$DEVICE" --no-progress || echo "distill stopped (status $?); training on what was answered"
 wc -l "$OUT/distill.jsonl"
+if [ -n "${TOTAL_SECONDS:-}" ]; then
+  # A limit for the whole recipe: training gets what distillation left, less a minute for loading and saving.
+  left=$(( TOTAL_SECONDS - ($(date +%s) - start) - 60 ))
+  [ "$left" -lt "$TRAIN_SECONDS" ] && TRAIN_SECONDS=$left
+  [ "$TRAIN_SECONDS" -ge 30 ] || { echo "TOTAL_SECONDS leaves no time to train"; exit 1; }
+fi
 
 echo "== train: k=$K rank=$RANK steps=$STEPS batch=$BATCH (limit ${TRAIN_SECONDS}s)"
 resume=""
 [ -d "$OUT/adapter/checkpoints" ] && resume="--resume"
+init=""
+[ -n "${INIT_ADAPTER:-}" ] && init="--init-adapter $INIT_ADAPTER"
 set +e
-timeout "$TRAIN_SECONDS" $MASKSPEC train --data "$OUT/distill.jsonl" --out "$OUT/adapter" --k "$K" --rank "$RANK" \
-  --alpha "$ALPHA" --lr "$LR" --steps "$STEPS" --batch-size "$BATCH" --max-length "$MAX_LENGTH" \
-  --save-every "$SAVE_EVERY" --eval-every "$SAVE_EVERY" --seed "$SEED" $BLOCK_ARGS $TRAIN_FLAGS $resume --no-progress
+# --time-limit ends training cleanly; the outer timeout (with room for loading, evaluation and saving) is a guard.
+timeout "$(( TRAIN_SECONDS + 300 ))" $MASKSPEC train --data "$OUT/distill.jsonl" --out "$OUT/adapter" \
+  --time-limit "$TRAIN_SECONDS" $init --k "$K" --rank "$RANK" --alpha "$ALPHA" --lr "$LR" --steps "$STEPS" --batch-size "$BATCH" --max-length "$MAX_LENGTH" \
+  --save-every "$SAVE_EVERY" --eval-every "$SAVE_EVERY" --seed "$SEED" --warmup "${WARMUP:-50}" $BLOCK_ARGS \
+  $TRAIN_FLAGS $resume --no-progress
 status=$?
 set -e
 if [ ! -f "$OUT/adapter/adapter.safetensors" ]; then

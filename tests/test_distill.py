@@ -87,6 +87,10 @@ def test_prompt_selection(tmp_path, prompts):
     assert picked == select_prompts(rows, per_domain=2, seed=0)
     assert any(select_prompts(rows, per_domain=2, seed=s) != picked for s in range(1, 6))
     assert [r["id"] for r in select_prompts(rows, limit=3)] == ["p-0", "p-1", "p-2"]
+    shuffled = select_prompts(rows, per_domain=2, shuffle=True, seed=0)
+    assert sorted(r["id"] for r in shuffled) == sorted(r["id"] for r in picked)  # same prompts
+    assert [r["id"] for r in shuffled] != [r["id"] for r in picked]  # another order
+    assert shuffled == select_prompts(rows, per_domain=2, shuffle=True, seed=0)
 
 
 def test_done_ids_reject_corrupt_middle_line(tmp_path):

@@ -248,3 +248,54 @@ def test_bad_options_raise_user_errors(tmp_path):
         train(_cfg(tmp_path / "x", block_fraction=0.0), mtp=tiny_mtp(), examples=synthetic_examples(2))
     with pytest.raises(TrainError, match="k=3"):
         train(_cfg(tmp_path / "y", k=4), mtp=tiny_mtp(k=3), examples=synthetic_examples(2))
+
+
+def test_init_adapter_starts_from_its_weights(tmp_path):
+    exs = synthetic_examples(4)
+    train(_cfg(tmp_path / "first", steps=3), mtp=tiny_mtp(), examples=exs)
+    saved = tiny_mtp(adapter_seed=5)
+    load_adapter(saved, tmp_path / "first")
+    # A different random init, and so small a learning rate that the weights cannot move: the result must be
+    # the initial adapter's weights, not the fresh init.
+    train(_cfg(tmp_path / "second", steps=1, lr=1e-12, init_adapter=str(tmp_path / "first")),
+          mtp=tiny_mtp(adapter_seed=9), examples=exs)
+    again = tiny_mtp(adapter_seed=6)
+    load_adapter(again, tmp_path / "second")
+    fresh = tiny_mtp(adapter_seed=9)
+    for name, p in saved.adapter_state_dict().items():
+        torch.testing.assert_close(again.adapter_state_dict()[name], p, rtol=0, atol=1e-8)
+    assert not torch.allclose(fresh.adapter_state_dict()["mask_embeddings"], saved.mask_embeddings)
+    with pytest.raises(TrainError, match="rank 8 \\(this run: 4\\)"):
+        train(_cfg(tmp_path / "third", rank=4, init_adapter=str(tmp_path / "first")), mtp=tiny_mtp(rank=4),
+              examples=exs)
+
+
+class FakeClock:
+    """Each reading advances time by `tick` seconds: every step then takes a known, fixed time."""
+
+    def __init__(self, tick: float) -> None:
+        self.now = 0.0
+        self.tick = tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_time_limit_shortens_the_schedule_and_ends_cleanly(tmp_path):
+    exs = synthetic_examples(4)
+    out = tmp_path / "timed"
+    cfg = _cfg(out, steps=1000, warmup=2, schedule="cosine", time_limit=40.0, save_every=5)
+    result = train(cfg, mtp=tiny_mtp(), examples=exs, clock=FakeClock(0.5))
+    steps = [h["step"] for h in result.history]
+    assert 5 < steps[-1] < 1000  # stopped by the clock, long before --steps
+    lrs = [h["lr"] for h in result.history]
+    # The cosine schedule was planned for the steps that fit: the last step runs at (nearly) the minimum lr.
+    assert cfg.lr * cfg.min_lr_ratio <= lrs[-1] < 1.1 * cfg.lr * cfg.min_lr_ratio
+    assert max(lrs) == pytest.approx(cfg.lr)
+    after_warmup = lrs[cfg.warmup:]
+    assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:]))  # re-planning never raised the lr
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["training"]["final_step"] == steps[-1]
+    assert config["training"]["schedule_steps"] == steps[-1]
+    assert [s for s, _ in list_checkpoints(out)][-1] == steps[-1]

@@ -32,7 +32,9 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, "--limit", help="Answer only the first N selected prompts."),
         per_domain: Optional[int] = typer.Option(None, "--per-domain", help="A seeded sample of N prompts per "
                                                  "domain (a domain-balanced subset)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of sampling and of --per-domain."),
+        shuffle: bool = typer.Option(False, "--shuffle", help="Answer the prompts in a seeded random order, so "
+                                     "that a run stopped early (time limit) has a mix of all domains."),
+        seed: int = typer.Option(0, "--seed", help="Seed of sampling, --per-domain and --shuffle."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (default) or bf16."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -41,7 +43,7 @@ def register(app: typer.Typer) -> None:
 
         stats = distill(DistillConfig(prompts=str(prompts), out=str(out), model=model, max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_p=top_p, batch_size=batch_size, limit=limit,
-                                      per_domain=per_domain, seed=seed, device=device, dtype=dtype,
+                                      per_domain=per_domain, shuffle=shuffle, seed=seed, device=device, dtype=dtype,
                                       progress=progress))
         note = " (repaired a partial last line)" if stats.repaired_partial_line else ""
         typer.echo(f"{out}: {stats.written} records written, {stats.already_done} already there, "
@@ -85,6 +87,11 @@ def register(app: typer.Typer) -> None:
         eval_every: int = typer.Option(0, "--eval-every", help="Held-out accuracy every N steps (and at the end)."),
         eval_size: int = typer.Option(32, "--eval-size", help="Held-out examples (at most a tenth of the data)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+        init_adapter: Optional[Path] = typer.Option(None, "--init-adapter", help="Start from this adapter's "
+                                                    "weights (same --k, --rank, --alpha), e.g. to train it longer."),
+        time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after N seconds of training; "
+                                                   "the lr schedule is shortened to the steps that fit (at most "
+                                                   "--steps)."),
         seed: int = typer.Option(0, "--seed", help="Seed of init, data order and block subsets."),
         cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even when a GPU is available."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -101,9 +108,9 @@ def register(app: typer.Typer) -> None:
                           max_length=max_length, block_fraction=block_fraction, max_blocks=max_blocks,
                           ce_weight=ce_weight, sampler_weight=sampler_weight, lcm_weight=lcm_weight,
                           kl_weight=kl_weight, save_every=save_every, keep_checkpoints=keep_checkpoints,
-                          eval_every=eval_every, eval_size=eval_size, resume=resume, seed=seed, progress=progress,
-                          cpu=cpu)
-        cfg.draft_vocab = draft_vocab
+                          eval_every=eval_every, eval_size=eval_size, resume=resume,
+                          init_adapter=str(init_adapter) if init_adapter is not None else None,
+                          time_limit=time_limit, draft_vocab=draft_vocab, seed=seed, progress=progress, cpu=cpu)
         result = train(cfg)
         last = result.history[-1] if result.history else {}
         from accelerate import PartialState

@@ -33,6 +33,7 @@ class DistillConfig:
     batch_size: int = 8
     limit: int | None = None
     per_domain: int | None = None
+    shuffle: bool = False
     seed: int = 0
     device: str | None = None
     dtype: str | None = None
@@ -48,8 +49,9 @@ class DistillStats:
 
 
 def select_prompts(records: Sequence[dict[str, Any]], *, per_domain: int | None = None, limit: int | None = None,
-                   seed: int = 0) -> list[dict[str, Any]]:
-    """Optionally a seeded sample of `per_domain` prompts from each domain (file order kept), then the first
+                   shuffle: bool = False, seed: int = 0) -> list[dict[str, Any]]:
+    """Optionally a seeded sample of `per_domain` prompts from each domain (file order kept), optionally put in a
+    seeded random order (so that a run stopped early has answered a mix of all domains), then the first
     `limit`."""
     chosen = list(records)
     if per_domain is not None:
@@ -63,6 +65,9 @@ def select_prompts(records: Sequence[dict[str, Any]], *, per_domain: int | None 
             order = torch.randperm(len(idx), generator=gen).tolist()[:per_domain]
             keep.update(idx[j] for j in order)
         chosen = [r for i, r in enumerate(chosen) if i in keep]
+    if shuffle:
+        order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed + 7)).tolist()
+        chosen = [chosen[i] for i in order]
     if limit is not None:
         chosen = chosen[:limit]
     return chosen
@@ -161,7 +166,8 @@ def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
 
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
         raise DataError("--batch-size and --max-new-tokens must be >= 1")
-    selected = select_prompts(read_prompts(cfg.prompts), per_domain=cfg.per_domain, limit=cfg.limit, seed=cfg.seed)
+    selected = select_prompts(read_prompts(cfg.prompts), per_domain=cfg.per_domain, limit=cfg.limit,
+                              shuffle=cfg.shuffle, seed=cfg.seed)
     done, repaired = load_done_ids(cfg.out)
     stats = DistillStats(selected=len(selected), already_done=sum(r["id"] in done for r in selected),
                          repaired_partial_line=repaired)

@@ -87,6 +87,10 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     eval_size: int = 32
     resume: bool = False
+    # start from the weights of an existing adapter folder (same k, rank, alpha and target modules)
+    init_adapter: str | None = None
+    # stop after this many seconds of training steps; the lr schedule is shortened to the steps that fit
+    time_limit: float | None = None
     seed: int = 0
     progress: bool = True
     cpu: bool = False
@@ -102,6 +106,7 @@ class TrainConfig:
             (self.schedule in ("constant", "cosine"), "--schedule must be 'constant' or 'cosine'"),
             (self.save_every >= 1, "--save-every must be >= 1"), (self.eval_every >= 0, "--eval-every must be >= 0"),
             (self.draft_vocab >= 0, "--draft-vocab must be >= 0"),
+            (self.time_limit is None or self.time_limit > 0, "--time-limit must be > 0 seconds"),
             (min(self.ce_weight, self.sampler_weight, self.lcm_weight, self.kl_weight) >= 0,
              "loss weights must be >= 0"),
         ]
@@ -153,15 +158,60 @@ def split_eval(examples: list[Example], eval_size: int, seed: int) -> tuple[list
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+def lr_lambda(cfg: TrainConfig, horizon: Callable[[], int] | None = None) -> Callable[[int], float]:
+    """Linear warm-up, then constant or cosine to min_lr_ratio at step `horizon()` (default: cfg.steps)."""
     def factor(step: int) -> float:
         if cfg.warmup and step < cfg.warmup:
             return (step + 1) / cfg.warmup
         if cfg.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        end = horizon() if horizon is not None else cfg.steps
+        progress = min(1.0, (step - cfg.warmup) / max(1, end - cfg.warmup))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
+
+
+class StepBudget:
+    """How many optimizer steps a run makes. Without a time limit: cfg.steps. With one, the horizon is re-planned
+    after every step from the mean time per step so far (evaluations and checkpoints included; the first two
+    steps, which pay for warm-up, are left out once there are others) and from the time the last evaluation and
+    checkpoint took, which the end of the run needs again. So the lr schedule ends at the last step that fits; the
+    run also stops as soon as the limit has passed."""
+
+    def __init__(self, cfg: TrainConfig, clock: Callable[[], float]) -> None:
+        self.limit = cfg.time_limit
+        self.steps = cfg.steps
+        self.horizon = cfg.steps
+        self.stop = False
+        self.clock = clock
+        self.started = self.mark = clock()
+        self.cycles: list[float] = []
+        self.reserve = 0.0  # seconds of the latest evaluation + checkpoint
+
+    def begin(self, start_step: int) -> None:
+        """Start the clock at the first step to run (after a resume: the checkpoint's step)."""
+        self.stop = start_step >= self.steps
+        self.started = self.mark = self.clock()
+
+    def record(self, done: int) -> None:
+        """After step `done`: re-plan, decide whether to stop, and make every process agree (rank 0 decides)."""
+        now = self.clock()
+        self.cycles.append(now - self.mark)
+        self.mark = now
+        if self.limit is not None:
+            timed = self.cycles[2:] or self.cycles
+            per_step = sum(timed) / len(timed)
+            remaining = self.limit - (now - self.started) - self.reserve
+            fit = done + max(0, int(remaining // per_step)) if per_step > 0 else self.steps
+            self.horizon = max(done, min(self.steps, fit))
+        self.stop = done >= self.horizon or (self.limit is not None and now - self.started >= self.limit)
+        dist = _dist()
+        if dist is not None and dist.get_world_size() > 1:
+            decision = torch.tensor([self.horizon, int(self.stop)], dtype=torch.int64)
+            if dist.get_backend() == "nccl":
+                decision = decision.cuda()
+            dist.broadcast(decision, src=0)
+            self.horizon, self.stop = int(decision[0]), bool(decision[1])
 
 
 def _dist():
@@ -401,6 +451,20 @@ def evaluate(mtp, examples: Sequence[Example], batch_size: int, *, bf16: bool = 
 
 
 # ---------------------------------------------------------------------------------------------- training
+def _init_from_adapter(mtp, cfg: TrainConfig) -> None:
+    """Start from an existing adapter's weights; its shape must be the one this run trains."""
+    from maskspec.adapter import load_adapter, read_adapter_config
+
+    found = read_adapter_config(cfg.init_adapter)
+    wanted = {"k": cfg.k, "rank": cfg.rank, "alpha": cfg.alpha}
+    differ = [f"{name} {getattr(found, name)} (this run: {value})" for name, value in wanted.items()
+              if float(getattr(found, name)) != float(value)]
+    if differ:
+        raise TrainError(f"--init-adapter {cfg.init_adapter} has {', '.join(differ)}; pass the adapter's "
+                         "--k/--rank/--alpha to continue training it")
+    load_adapter(mtp, cfg.init_adapter)
+
+
 def _load_examples(cfg: TrainConfig, tokenizer, eos_ids: Sequence[int]) -> list[Example]:
     if cfg.data is None:
         raise TrainError("no training data: pass --data FILE.jsonl (see `maskspec distill`) or a dataset name")
@@ -420,10 +484,11 @@ def _set_draft_vocab(mtp, size: int, examples: Sequence[Example]) -> None:
 
 def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = None,
           eval_examples: Sequence[Example] | None = None,
-          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, dict[str, Any]], None] | None = None,
+          clock: Callable[[], float] = time.perf_counter) -> TrainResult:
     """Train an adapter as configured. `mtp` (an MTPModel) and pre-tokenized `examples` may be passed directly
     (tests, notebooks); otherwise the model and data named in `cfg` are loaded. `on_step(step, metrics)` is
-    called after every optimizer step (step counted from 1)."""
+    called after every optimizer step (step counted from 1). `clock` times steps (and the time limit)."""
     from accelerate import Accelerator
 
     from maskspec.model.mtp import MTPConfig, MTPModel
@@ -456,6 +521,8 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
         mtp.to(device)
     if mtp.k != cfg.k:
         raise TrainError(f"the model's adapter has k={mtp.k} but the config asks for k={cfg.k}")
+    if cfg.init_adapter is not None:
+        _init_from_adapter(mtp, cfg)
     params = mtp.trainable_parameters()
     for p in params:
         p.requires_grad_(True)
@@ -474,7 +541,8 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
     stream = DataStream(train_examples, cfg.seed)
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    budget = StepBudget(cfg, clock)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, lambda: budget.horizon))
     start_step = 0
     if cfg.resume and existing:
         start_step = load_checkpoint(existing[-1][1], mtp, optimizer, scheduler, rank,
@@ -496,9 +564,12 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not (main and cfg.progress), desc="train",
                dynamic_ncols=True)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.bf16 else nullcontext
+    budget.begin(start_step)
+    done = start_step
     try:
-        for step in range(start_step, cfg.steps):
-            t0 = time.perf_counter()
+        while not budget.stop:
+            step = done
+            t0 = clock()
             # This process's micro-batches of the global step, built first so the loss normalisers (row counts
             # over the whole global batch) are known before the first backward.
             micro: list[TrainBatch] = []
@@ -539,7 +610,7 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
             optimizer.zero_grad(set_to_none=True)
             sums = all_reduce_sum_(sums.to(device)).cpu()
 
-            elapsed = time.perf_counter() - t0
+            elapsed = clock() - t0
             done = step + 1
             metrics = {"step": done, "loss": float(sums[0]),
                        **{n: float(v) for n, v in zip(LOSS_NAMES, sums[1:].tolist())},
@@ -550,20 +621,32 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
             log.write(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            budget.record(done)
+            if budget.horizon != bar.total:
+                bar.total = budget.horizon
+                bar.refresh()
 
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and held_out:
+            last = budget.stop
+            extra = 0.0
+            if cfg.eval_every and done % cfg.eval_every == 0 and not last and held_out:
+                t1 = clock()
                 ev = {"step": done, **evaluate(mtp, held_out, cfg.batch_size, bf16=cfg.bf16, device=device,
                                                rank=rank, world=world)}
                 result.evals.append(ev)
                 log.write({"eval": True, **ev})
-            if done % cfg.save_every == 0 and done < cfg.steps:
+                extra += clock() - t1
+            if done % cfg.save_every == 0 and not last:
+                t1 = clock()
                 save_checkpoint(out, done, mtp, optimizer, scheduler, cfg, rank, world, cfg.keep_checkpoints)
+                extra += clock() - t1
+            if extra:
+                budget.reserve = max(budget.reserve, extra)
             if on_step is not None:
                 on_step(done, metrics)
     finally:
         bar.close()
 
-    final_step = max(cfg.steps, start_step)
+    final_step = max(done, start_step)
     if held_out:
         ev = {"step": final_step, **evaluate(mtp, held_out, cfg.batch_size, bf16=cfg.bf16, device=device,
                                              rank=rank, world=world)}
@@ -574,7 +657,7 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
         _set_activation_checkpointing(mtp.model, False)
     mtp.eval()
     if main:
-        training = {**asdict(cfg), "final_step": final_step, "processes": world,
+        training = {**asdict(cfg), "final_step": final_step, "schedule_steps": budget.horizon, "processes": world,
                     "train_examples": len(train_examples), "eval_examples": len(held_out)}
         if result.evals:
             training["final_eval"] = {k: v for k, v in result.evals[-1].items() if k != "step"}
