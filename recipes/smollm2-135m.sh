@@ -49,7 +49,8 @@ init=""
 set +e
 # --time-limit ends training cleanly; the outer timeout (with room for loading, evaluation and saving) is a guard.
 timeout "$(( TRAIN_SECONDS + 300 ))" $MASKSPEC train --data "$OUT/distill.jsonl" --out "$OUT/adapter" \
-  --time-limit "$TRAIN_SECONDS" $init --k "$K" --rank "$RANK" --alpha "$ALPHA" --lr "$LR" --steps "$STEPS" --batch-size "$BATCH" --max-length "$MAX_LENGTH" \
+  --time-limit "$TRAIN_SECONDS" $init --k "$K" --rank "$RANK" --alpha "$ALPHA" --lr "$LR" --steps "$STEPS" \
+  --batch-size "$BATCH" --max-length "$MAX_LENGTH" \
   --save-every "$SAVE_EVERY" --eval-every "$SAVE_EVERY" --seed "$SEED" --warmup "${WARMUP:-50}" $BLOCK_ARGS \
   $TRAIN_FLAGS $resume --no-progress
 status=$?

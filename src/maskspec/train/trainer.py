@@ -178,8 +178,9 @@ class StepBudget:
     checkpoint took, which the end of the run needs again. So the lr schedule ends at the last step that fits; the
     run also stops as soon as the limit has passed."""
 
-    def __init__(self, cfg: TrainConfig, clock: Callable[[], float]) -> None:
+    def __init__(self, cfg: TrainConfig, clock: Callable[[], float], device: torch.device) -> None:
         self.limit = cfg.time_limit
+        self.device = device  # where the collective decision tensor lives (the process group's device)
         self.steps = cfg.steps
         self.horizon = cfg.steps
         self.stop = False
@@ -207,9 +208,7 @@ class StepBudget:
         self.stop = done >= self.horizon or (self.limit is not None and now - self.started >= self.limit)
         dist = _dist()
         if dist is not None and dist.get_world_size() > 1:
-            decision = torch.tensor([self.horizon, int(self.stop)], dtype=torch.int64)
-            if dist.get_backend() == "nccl":
-                decision = decision.cuda()
+            decision = torch.tensor([self.horizon, int(self.stop)], dtype=torch.int64, device=self.device)
             dist.broadcast(decision, src=0)
             self.horizon, self.stop = int(decision[0]), bool(decision[1])
 
@@ -541,7 +540,7 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
     stream = DataStream(train_examples, cfg.seed)
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    budget = StepBudget(cfg, clock)
+    budget = StepBudget(cfg, clock, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, lambda: budget.horizon))
     start_step = 0
     if cfg.resume and existing:
@@ -646,7 +645,7 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
     finally:
         bar.close()
 
-    final_step = max(done, start_step)
+    final_step = done  # the last step run (start_step when there was none left to run)
     if held_out:
         ev = {"step": final_step, **evaluate(mtp, held_out, cfg.batch_size, bf16=cfg.bf16, device=device,
                                              rank=rank, world=world)}
