@@ -1,12 +1,12 @@
-"""Milliseconds per decoding step (prefill excluded) for `ar` and each (mode, k), with the oneDNN decoding kernel
-and with the stock kernel, and with drafts over the full vocabulary and over the draft vocabulary, on the embedded
-model with the shipped adapter (or --adapter). One run, settings interleaved per prompt, so they are compared
-under the same machine load.
+"""Milliseconds per decoding step (prefill excluded) for `ar` and each (mode, k): with the oneDNN decoding kernel
+on packed matrices (the default), on plain matrices, and with the stock kernel; with drafts over the full
+vocabulary and over the draft vocabulary. On the embedded model with the shipped adapter (or --adapter). One
+run, settings interleaved per prompt, so they are compared under the same machine load.
 
 The draft vocabulary is the adapter's own, or one chosen from chat records (--draft-vocab-data, as
 `maskspec draft-vocab` would choose it); without either only the full vocabulary is measured.
 
-    python scripts/step_costs.py [--prompts 3] [--max-new-tokens 64] [--threads 2] [--kernels oneDNN,stock]
+    python scripts/step_costs.py [--prompts 3] [--max-new-tokens 64] [--threads 2] [--kernels packed,oneDNN,stock]
                                  [--adapter DIR] [--draft-vocab-data FILE.jsonl --draft-vocab-size 8192]
 """
 
@@ -23,7 +23,7 @@ from maskspec.decode.api import generate, prepare_input_ids
 from maskspec.model.mtp import MTPModel
 
 METHODS = [("ar", None), ("quadratic", 1), ("quadratic", 2), ("quadratic", 3), ("quadratic", 4), ("linear", 2)]
-KERNELS = ("oneDNN", "stock")
+KERNELS = ("packed", "oneDNN", "stock")  # packed: oneDNN with prepacked matrices
 DEV_SUITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "dev.jsonl"
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3, help="prompts per domain (math and code)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--kernels", default=",".join(KERNELS), help="oneDNN and/or stock")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="any of packed, oneDNN, stock")
     parser.add_argument("--adapter", default="default")
     parser.add_argument("--draft-vocab-data", default=None, help="chat-record JSONL to choose a draft vocabulary from")
     parser.add_argument("--draft-vocab-size", type=int, default=8192)
@@ -64,7 +64,8 @@ def main() -> None:
     for prompt in prompts:
         ids = prepare_input_ids(mtp, prompt.messages)[0].tolist()
         for kernel, vocab in settings:
-            mtp.fast_kernels = kernel == "oneDNN"
+            mtp.fast_kernels = kernel in ("packed", "oneDNN")
+            mtp.pack_weights = kernel == "packed"
             mtp.set_draft_vocab(draft_ids if vocab == "draft" else None)
             for mode, k in METHODS:
                 generate(mtp, ids, max_new_tokens=4, mode=mode, k=k)  # warm-up

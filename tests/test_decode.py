@@ -252,3 +252,27 @@ def test_smollm_lossless_and_stop_strings(smollm):
     assert cut.text == full[:full.index(stop_word)]
     streamed = "".join(c.text for c in stream(mtp, prompts[2], max_new_tokens=40, stop=[stop_word]))
     assert streamed == cut.text
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_weights_change_no_token(arch, monkeypatch):
+    """The CPU float32 decoding path with packed matrices (the default) against the same decoder without them:
+    same tokens on every prompt, and the packed path really ran."""
+    from maskspec.model import kernels
+
+    if not kernels.PACKING_AVAILABLE:
+        pytest.skip("PyTorch without oneDNN weight packing")
+    mtp = _mtp(arch, k=4, dtype=torch.float32)
+    calls = []
+    real = kernels.linear_packed
+    monkeypatch.setattr(kernels, "linear_packed", lambda *a: calls.append(1) or real(*a))
+    for ids in _prompts(20, seed=7):
+        mtp.pack_weights = False
+        plain = generate(mtp, ids, max_new_tokens=MAX_NEW, mode="quadratic", k=4)
+        assert calls == []
+        mtp.pack_weights = True
+        packed = generate(mtp, ids, max_new_tokens=MAX_NEW, mode="quadratic", k=4)
+        assert calls
+        calls.clear()
+        assert packed.new_token_ids == plain.new_token_ids
+        assert packed.stats.forward_passes == plain.stats.forward_passes

@@ -2,12 +2,14 @@
 
 import copy
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from maskspec.adapter import FORMAT_VERSION, load_adapter, read_adapter_config
 from maskspec.errors import AdapterError
+from maskspec.model import kernels
 from maskspec.model.layout import build_layout
 from maskspec.model.mtp import MTPConfig, MTPModel, randomize_adapter_
 from maskspec.testing import TINY_ARCHITECTURES, tiny_model
@@ -279,3 +281,48 @@ def test_default_model_without_adapter_warns(smollm):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*adapter='default'.*")  # no such warning with the adapter
         assert MTPModel.from_pretrained("default", adapter="default").default_k >= 1
+
+
+@pytest.mark.skipif(not kernels.PACKING_AVAILABLE, reason="PyTorch without oneDNN weight packing")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biases on q/k/v
+@pytest.mark.parametrize("normals_first", [True, False])  # contiguous mask rows (decoding) or scattered
+def test_packed_decoding_path(arch, normals_first, monkeypatch):
+    """Inside `packed_weights` the wrapped projections use the packed [W; A]: normal rows bit-identical to the
+    unpacked fast kernel, mask rows equal up to rounding; a weight changed between blocks is repacked."""
+    mtp = _random_mtp(arch, k=3)
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(5))
+    layout = build_layout(9, [2, 5, 8], mtp.k, normals_first=normals_first)
+    normal, masks = layout.normal_rows(), layout.mask_rows()
+    calls: list[int] = []
+    real = kernels.linear_packed
+    monkeypatch.setattr(kernels, "linear_packed", lambda *a: calls.append(1) or real(*a))
+
+    def hidden(packed: bool) -> torch.Tensor:
+        with torch.no_grad(), (mtp.packed_weights() if packed else nullcontext()):
+            return mtp.forward_layout(ids, layout).hidden[0]
+
+    plain = hidden(False)
+    assert calls == []  # outside the block nothing packed is used
+    packed = hidden(True)
+    assert len(calls) >= len(mtp.lora_layers)
+    assert torch.equal(packed[normal], plain[normal])
+    torch.testing.assert_close(packed[masks], plain[masks], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        for name, p in mtp.adapter_state_dict().items():
+            if name.startswith("lora."):
+                p.mul_(1.5)
+    plain_changed, packed_changed = hidden(False), hidden(True)
+    assert not torch.allclose(plain_changed[masks], plain[masks], atol=1e-3)
+    torch.testing.assert_close(packed_changed[masks], plain_changed[masks], atol=1e-4, rtol=1e-4)
+    assert mtp._pack_sessions == 0
+    copy.deepcopy(mtp)  # packed oneDNN tensors cannot be copied: a copy leaves them behind
+
+
+def test_packed_weights_off_leaves_the_plain_path(monkeypatch):
+    mtp = _random_mtp("llama")
+    mtp.pack_weights = False
+    calls: list[int] = []
+    monkeypatch.setattr(kernels, "linear_packed", lambda *a: calls.append(1))
+    with torch.no_grad(), mtp.packed_weights():
+        mtp.forward_layout(torch.randint(3, 128, (1, 6)), build_layout(6, [5], mtp.k, normals_first=True))
+    assert calls == []

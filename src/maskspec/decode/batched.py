@@ -132,13 +132,14 @@ class BatchedDecoder:
         """One decoding pass over the running sequences and one prefill pass over the newcomers."""
         events: list[StepEvent] = []
         self._drop_finished()
-        if self.running:
-            events += self._decode_step()
-            self._drop_finished()
-        if self.pending:
-            newcomers, self.pending = self.pending, []
-            events += self._prefill(newcomers)
-            self._drop_finished()
+        with self.mtp.packed_weights():
+            if self.running:
+                events += self._decode_step()
+                self._drop_finished()
+            if self.pending:
+                newcomers, self.pending = self.pending, []
+                events += self._prefill(newcomers)
+                self._drop_finished()
         return events
 
     def generate(self, requests: Sequence[dict], join_schedule: Sequence[int] | None = None) -> list[BatchSequence]:

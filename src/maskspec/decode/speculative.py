@@ -150,6 +150,10 @@ class SpeculativeDecoder:
     def run(self, prompt_ids: list[int], max_new_tokens: int, stats: GenerationStats) -> Iterator[list[int]]:
         """Yield lists of newly verified tokens until `max_new_tokens` (the caller stops earlier on EOS or stop
         strings by closing the iterator)."""
+        with self.mtp.packed_weights():  # the weights stay fixed for the whole generation
+            yield from self._run(prompt_ids, max_new_tokens, stats)
+
+    def _run(self, prompt_ids: list[int], max_new_tokens: int, stats: GenerationStats) -> Iterator[list[int]]:
         stats.prompt_tokens = len(prompt_ids)
         stats.accepted_histogram = [0] * (self.k + 1)
         if max_new_tokens <= 0:

@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from maskspec.model import kernels
 from maskspec.model.kernels import linear
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -24,21 +25,24 @@ class GateState:
     """Flat (batch * sequence) indices of the rows where LoRA is on, for the duration of one call.
     `span` is (start, stop) when those rows are contiguous (a decoding step puts every mask row last), so
     the layers can slice instead of gather and scatter, which is several times faster on CPU.
-    `fast_linear` asks the layers for the decoding kernel of `maskspec.model.kernels` during the call."""
+    `fast_linear` asks the layers for the decoding kernel of `maskspec.model.kernels` during the call, and
+    `packed` tells them their packed matrices (`GatedLoRALinear.prepack`) were checked up to date for it."""
 
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None
         self.span: tuple[int, int] | None = None
         self.fast_linear = False
+        self.packed = False
 
     @contextmanager
-    def active(self, rows: torch.Tensor | None, fast_linear: bool = False) -> Iterator[None]:
-        previous = (self.rows, self.span, self.fast_linear)
-        self.rows, self.span, self.fast_linear = rows, _contiguous_span(rows), fast_linear
+    def active(self, rows: torch.Tensor | None, fast_linear: bool = False, packed: bool = False) -> Iterator[None]:
+        previous = (self.rows, self.span, self.fast_linear, self.packed)
+        self.rows, self.span = rows, _contiguous_span(rows)
+        self.fast_linear, self.packed = fast_linear, fast_linear and packed
         try:
             yield
         finally:
-            self.rows, self.span, self.fast_linear = previous
+            self.rows, self.span, self.fast_linear, self.packed = previous
 
 
 def _contiguous_span(rows: torch.Tensor | None) -> tuple[int, int] | None:
@@ -65,12 +69,40 @@ class GatedLoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         # A plain attribute, not a submodule: the gate is shared by every layer and holds no parameters.
         object.__setattr__(self, "_gate", gate)
+        # Decoding's packed [W; A] (`prepack`): (the states it was built from, packed matrix, stacked bias).
+        self._stacked: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def weight(self) -> torch.Tensor:  # some modeling code reads `proj.weight.dtype`
         return self.base.weight
 
+    def prepack(self) -> bool:
+        """Pack the base matrix and LoRA's A stacked, [W; A], for the decoding kernel: one call then gives the
+        base output (bit-identical to W alone) and the low-rank input of the mask rows. Repacks only when W, A
+        or the bias changed. Returns whether the stacked path is ready."""
+        if self._stacked is not None and self._stacked[0] == self._stacked_state():
+            return True
+        self._stacked = None
+        weight, lora_a, bias = self.base.weight, self.lora_A.weight, self.base.bias
+        if (not kernels.PACKING_AVAILABLE or type(self.base) is not nn.Linear or weight.device.type != "cpu"
+                or weight.dtype != torch.float32 or lora_a.dtype != torch.float32):
+            return False
+        stacked_bias = None if bias is None else torch.cat([bias.detach(), bias.new_zeros(self.rank)])
+        self._stacked = (self._stacked_state(), kernels.pack_stacked([weight, lora_a]), stacked_bias)
+        return True
+
+    def __getstate__(self) -> dict:
+        # Packed matrices are opaque oneDNN tensors that cannot be copied or pickled; a copy packs its own.
+        return {**super().__getstate__(), "_stacked": None}
+
+    def _stacked_state(self) -> tuple:
+        bias = self.base.bias
+        return (kernels.tensor_state(self.base.weight), kernels.tensor_state(self.lora_A.weight),
+                None if bias is None else kernels.tensor_state(bias))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._stacked is not None and self._stacked_usable(x):
+            return self._stacked_forward(x)
         if type(self.base) is nn.Linear:
             out = linear(x, self.base.weight, self.base.bias, fast=self._gate.fast_linear)
         else:  # a subclass (quantised, say) keeps its own forward
@@ -92,6 +124,27 @@ class GatedLoRALinear(nn.Module):
         else:
             flat_out.index_add_(0, rows, self._delta(flat_x.index_select(0, rows)).to(out.dtype))
         return out
+
+    def _stacked_usable(self, x: torch.Tensor) -> bool:
+        # The gate's `packed` says prepack() ran for this call. 2+ rows: a single row keeps the plain-layout
+        # kernel (see maskspec.model.kernels).
+        return self._gate.packed and x.dtype == torch.float32 and x.numel() > x.shape[-1]
+
+    def _stacked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoding with the packed [W; A]: the base output and every row's low-rank input from one matmul,
+        then B into the mask rows."""
+        _, packed, bias = self._stacked
+        out_features = self.base.out_features
+        both = kernels.linear_packed(x.reshape(-1, x.shape[-1]), packed, bias)  # (rows, out + rank)
+        out = both[:, :out_features].contiguous()
+        rows, span = self._gate.rows, self._gate.span
+        if span is not None:
+            start, stop = span
+            out[start:stop].addmm_(both[start:stop, out_features:], self.lora_B.weight.t(), alpha=self.scale)
+        elif rows is not None and rows.numel():
+            low = both.index_select(0, rows)[:, out_features:]
+            out.index_add_(0, rows, torch.mm(low, self.lora_B.weight.t()), alpha=self.scale)
+        return out.view(*x.shape[:-1], out_features)
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B(self.lora_A(self.dropout(x))) * self.scale

@@ -9,17 +9,17 @@ modeling code is copied. Logits are computed only for the rows that need them (`
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from maskspec.model.gated_lora import DEFAULT_TARGET_MODULES, GatedLoRALinear, GateState, inject_gated_lora
-from maskspec.model.kernels import linear
+from maskspec.model.kernels import linear, prepack
 from maskspec.model.layout import Layout, apply_sliding_window
 from maskspec.model.sampler import SamplerHead
 
@@ -85,6 +85,11 @@ class MTPModel(nn.Module):
         # Decoding's own passes use the CPU float32 kernel of `maskspec.model.kernels` (rounding-level
         # differences from the stock kernel; set False to compute with the stock kernel everywhere).
         self.fast_kernels = True
+        # With the fast kernel, decoding also keeps oneDNN-packed copies of the frozen matrices it multiplies
+        # by (`kernels.prepack`): faster steps, bit-identical results, memory equal to those matrices again.
+        self.pack_weights = True
+        self._lora_layer_modules: list[GatedLoRALinear] | None = None
+        self._pack_sessions = 0  # open `packed_weights` blocks whose packing succeeded
         # Measured per-device decoding defaults from the adapter's config ({"cpu": {"k": 1, ...}}); see default_k.
         self.decoding_defaults: dict[str, Any] = {}
         # Optional draft vocabulary (`set_draft_vocab`): buffers, so `.to()` moves them; not part of state_dict.
@@ -194,7 +199,7 @@ class MTPModel(nn.Module):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()  # no config: full layers everywhere, windows come from our mask
         gate_ctx = (nullcontext() if keep_gate_for_backward
-                    else self.gate.active(mask_rows, fast_linear=self.fast_kernels))
+                    else self.gate.active(mask_rows, fast_linear=self.fast_kernels, packed=self._using_packs()))
         with gate_ctx:
             out = self.model.get_decoder()(
                 inputs_embeds=embeds, position_ids=position_ids, attention_mask=masks,
@@ -210,6 +215,42 @@ class MTPModel(nn.Module):
         expand = lambda t: t.unsqueeze(0).expand(batch, *t.shape)  # noqa: E731
         return self.forward_rows(token_ids, expand(layout.mask_slot), expand(layout.position_ids),
                                  expand(layout.attention), expand(layout.key_positions), past_key_values, use_cache)
+
+    def decoding_weights(self) -> list[torch.Tensor]:
+        """The matrices decoding's own linear calls multiply by, besides the wrapped projections (which pack
+        themselves with LoRA's A, `GatedLoRALinear.prepack`): the output head, the sampler's layers and the draft
+        vocabulary's head rows."""
+        head = self.model.get_output_embeddings()
+        weights = [head.weight] if type(head) is nn.Linear else []
+        weights += [self.sampler.fc1.weight, self.sampler.fc2.weight]
+        if self._draft_head_weight is not None:
+            weights.append(self._draft_head_weight)
+        return weights
+
+    def prepack_weights(self) -> bool:
+        """Packed copies of every matrix decoding multiplies by, for the fast kernel (`kernels.prepack`,
+        `GatedLoRALinear.prepack`); only those missing or out of date are packed (about 1 ms per call for the
+        embedded model once packed). Returns whether every wrapped projection has its packed copy."""
+        for weight in self.decoding_weights():
+            prepack(weight)
+        if self._lora_layer_modules is None:  # fixed once the adapter is injected
+            self._lora_layer_modules = [m for m in self.model.modules() if isinstance(m, GatedLoRALinear)]
+        return all([layer.prepack() for layer in self._lora_layer_modules])
+
+    def _using_packs(self) -> bool:
+        return self._pack_sessions > 0 and not torch.is_grad_enabled()
+
+    @contextmanager
+    def packed_weights(self) -> Iterator[None]:
+        """Decoding passes inside this block multiply by packed matrices (`prepack_weights`, run on entry) when
+        the fast kernel applies (`fast_kernels` and `pack_weights`, CPU float32). The weights must not change
+        inside the block; outside it, nothing uses the packed copies of the wrapped projections."""
+        ready = self.fast_kernels and self.pack_weights and self.prepack_weights()
+        self._pack_sessions += ready  # a count, not a flag: interleaved generators end in any order
+        try:
+            yield
+        finally:
+            self._pack_sessions -= ready
 
     def model_attention_mask(self, attention: torch.Tensor, query_positions: torch.Tensor,
                              key_positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | dict:
@@ -240,7 +281,7 @@ class MTPModel(nn.Module):
         """The model's own output head (with Gemma-style final soft-capping where configured)."""
         head = self.model.get_output_embeddings()
         if type(head) is nn.Linear:
-            logits = linear(hidden, head.weight, head.bias, fast=self.fast_kernels)
+            logits = linear(hidden, head.weight, head.bias, fast=self.fast_kernels, packed=self._using_packs())
         else:
             logits = head(hidden)
         return self._soft_cap(logits)
@@ -256,7 +297,7 @@ class MTPModel(nn.Module):
 
     def _sampler_hidden(self, prev_ids: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         prev = self.model.get_input_embeddings()(prev_ids).to(latents.dtype)
-        return self.sampler(prev, latents, fast_linear=self.fast_kernels)
+        return self.sampler(prev, latents, fast_linear=self.fast_kernels, packed=self._using_packs())
 
     # ------------------------------------------------------------------ draft vocabulary
     @property
@@ -323,7 +364,8 @@ class MTPModel(nn.Module):
         if self.draft_vocab is None:
             return self.head_logits(hidden), None
         ids = self.draft_ids(extra_ids)
-        logits = linear(hidden, self._draft_head_weight, self._draft_head_bias, fast=self.fast_kernels)
+        logits = linear(hidden, self._draft_head_weight, self._draft_head_bias, fast=self.fast_kernels,
+                        packed=self._using_packs())
         extra = ids[self.draft_vocab.numel():]
         if extra.numel():  # context tokens outside the vocabulary: their few head rows, gathered per call
             head = self.model.get_output_embeddings()

@@ -25,10 +25,11 @@ class SamplerHead(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, eps=eps, **kw)
         nn.init.zeros_(self.norm2.weight)
 
-    def forward(self, prev_embeddings: torch.Tensor, latents: torch.Tensor, fast_linear: bool = False
-                ) -> torch.Tensor:
+    def forward(self, prev_embeddings: torch.Tensor, latents: torch.Tensor, fast_linear: bool = False,
+                packed: bool = False) -> torch.Tensor:
         """Hidden state to feed the output head: (..., d) from (..., d) previous-token embeddings and latents."""
         x = torch.cat([prev_embeddings, latents], dim=-1)
-        h = self.norm1(nn.functional.silu(linear(x, self.fc1.weight, self.fc1.bias, fast=fast_linear)))
-        h = self.norm2(nn.functional.silu(linear(h, self.fc2.weight, self.fc2.bias, fast=fast_linear)))
+        kernel = {"fast": fast_linear, "packed": packed}
+        h = self.norm1(nn.functional.silu(linear(x, self.fc1.weight, self.fc1.bias, **kernel)))
+        h = self.norm2(nn.functional.silu(linear(h, self.fc2.weight, self.fc2.bias, **kernel)))
         return latents + h
