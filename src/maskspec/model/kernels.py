@@ -110,8 +110,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     `packed` too, by the weight's packed copy (`prepack`) where it has an up-to-date one and there are 2+ rows."""
     if fast and uses_fast_linear(x, weight):
         if packed and x.numel() > x.shape[-1]:  # 2+ rows
-            packed = _packed_copy(weight)
-            if packed is not None:
-                return linear_packed(x, packed, bias)
+            packed_copy = _packed_copy(weight)
+            if packed_copy is not None:
+                return linear_packed(x, packed_copy, bias)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

@@ -229,7 +229,7 @@ class MTPModel(nn.Module):
 
     def prepack_weights(self) -> bool:
         """Packed copies of every matrix decoding multiplies by, for the fast kernel (`kernels.prepack`,
-        `GatedLoRALinear.prepack`); only those missing or out of date are packed (about 1 ms per call for the
+        `GatedLoRALinear.prepack`); only those missing or out of date are packed (1-2 ms per call for the
         embedded model once packed). Returns whether every wrapped projection has its packed copy."""
         for weight in self.decoding_weights():
             prepack(weight)
