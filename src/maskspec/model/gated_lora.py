@@ -126,9 +126,8 @@ class GatedLoRALinear(nn.Module):
         return out
 
     def _stacked_usable(self, x: torch.Tensor) -> bool:
-        # The gate's `packed` says prepack() ran for this call. 2+ rows: a single row keeps the plain-layout
-        # kernel (see maskspec.model.kernels).
-        return self._gate.packed and x.dtype == torch.float32 and x.numel() > x.shape[-1]
+        # The gate's `packed` says prepack() ran for this call.
+        return self._gate.packed and x.dtype == torch.float32 and kernels.packed_rows(x)
 
     def _stacked_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Decoding with the packed [W; A]: the base output and every row's low-rank input from one matmul,

@@ -73,8 +73,7 @@ def prepack(weight: torch.Tensor) -> bool:
         return False
     if _packed_copy(weight) is not None:
         return True
-    with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACKING_ROWS_HINT)
+    packed = pack_stacked([weight])
     key = id(weight)
     _packed[key] = (weakref.ref(weight, lambda ref: _forget(ref, key)), tensor_state(weight), packed)
     return True
@@ -99,6 +98,11 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def packed_rows(x: torch.Tensor) -> bool:
+    """Whether a call with input `x` takes a packed matrix: 2+ rows (one row keeps the plain layout, see above)."""
+    return x.numel() > x.shape[-1]
+
+
 def tensor_state(weight: torch.Tensor) -> tuple[int, int]:
     """Changes whenever the tensor's values may have: in-place updates bump _version, new data moves data_ptr."""
     return weight._version, weight.data_ptr()
@@ -109,7 +113,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear`, or oneDNN's float32 matmul when `fast` and the tensors allow it (CPU, float32, no grad); with
     `packed` too, by the weight's packed copy (`prepack`) where it has an up-to-date one and there are 2+ rows."""
     if fast and uses_fast_linear(x, weight):
-        if packed and x.numel() > x.shape[-1]:  # 2+ rows
+        if packed and packed_rows(x):
             packed_copy = _packed_copy(weight)
             if packed_copy is not None:
                 return linear_packed(x, packed_copy, bias)
