@@ -15,3 +15,7 @@ class ModelLoadError(MaskspecError):
 
 class PromptTooLongError(MaskspecError):
     """A prompt that does not fit in the model's context window."""
+
+
+class UsageError(MaskspecError, ValueError):
+    """An option or request value outside what it may be (a range, a type, a device that is not there)."""

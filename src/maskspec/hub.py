@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from maskspec.errors import ModelLoadError
+from maskspec.errors import ModelLoadError, UsageError
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -45,6 +45,28 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         return DTYPES[dtype.lower()]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))}") from None
+
+
+def resolve_device(device: str | torch.device | None) -> str:
+    """A device option as torch names it: None or "auto" -> "cuda" when a GPU is visible, else "cpu". UsageError
+    for a name torch does not know or a device this machine does not have."""
+    if device is None or str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {str(device)!r}: torch sees no CUDA GPU here; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif parsed.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError(f"device {str(device)!r}: MPS is not available here; use --device cpu")
+    elif parsed.type != "cpu":
+        raise UsageError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N, mps or auto")
+    return str(parsed)
 
 
 def cache_root() -> Path:

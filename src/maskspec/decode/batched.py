@@ -30,7 +30,8 @@ from transformers import DynamicCache
 
 from maskspec.decode.speculative import DraftContext, DraftProposal, drafts_per_step, pick_draft, step_block_heads
 from maskspec.decode.types import GenerationStats
-from maskspec.decode.verify import SamplingConfig, accept_greedy, accept_sampling, sample, warped_probs
+from maskspec.decode.verify import (SamplingConfig, accept_greedy, accept_sampling, new_generator, sample,
+                                    warped_probs)
 from maskspec.model.layout import Layout, build_layout
 from maskspec.model.mtp import MTPModel
 
@@ -93,10 +94,7 @@ class BatchedDecoder:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         sampling = sampling or SamplingConfig()
-        generator = None
-        if not sampling.greedy:
-            generator = torch.Generator(device=self.mtp.device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
+        generator = new_generator(sampling, seed, self.mtp.device)
         eos = frozenset(self.mtp.eos_token_ids if eos_token_ids is None else eos_token_ids)
         seq = BatchSequence(next(self._ids), prompt_ids, int(max_new_tokens), sampling, generator, eos, tag)
         seq.stats.prompt_tokens = len(prompt_ids)

@@ -23,7 +23,9 @@ from transformers import DynamicCache
 
 from maskspec.decode.cache import crop_cache
 from maskspec.decode.types import GenerationStats
-from maskspec.decode.verify import SamplingConfig, accept_greedy, accept_sampling, sample, warped_probs
+from maskspec.decode.verify import (SamplingConfig, accept_greedy, accept_sampling, new_generator, sample,
+                                    warped_probs)
+from maskspec.errors import UsageError
 from maskspec.model.layout import Layout, build_layout
 from maskspec.model.mtp import MTPModel
 
@@ -94,10 +96,10 @@ def propose_drafts(mtp: MTPModel, latents: torch.Tensor, prev_token: int, cfg: S
 def drafts_per_step(mtp: MTPModel, mode: str, k: int | None) -> int:
     """The k a decoder runs with: `mtp.default_k` when none is given, 0 for the reference loop."""
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     k = mtp.default_k if k is None else k
-    if mode != "ar" and not 1 <= k <= mtp.k:
-        raise ValueError(f"k must be in 1..{mtp.k} (the adapter's k), got {k}")
+    if mode != "ar" and not (isinstance(k, int) and 1 <= k <= mtp.k):
+        raise UsageError(f"k must be in 1..{mtp.k} (the adapter's k), got {k}")
     return k if mode != "ar" else 0
 
 
@@ -120,10 +122,7 @@ class SpeculativeDecoder:
         self.mode = mode
         self.k = drafts_per_step(mtp, mode, k)
         self.sampling = sampling or SamplingConfig()
-        self.generator = None
-        if not self.sampling.greedy:
-            self.generator = torch.Generator(device=mtp.device)
-            self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self.generator = new_generator(self.sampling, seed, mtp.device)
         # Replaceable in tests (an oracle drafter exercises long accepted runs).
         self.propose: Callable[[MTPModel, torch.Tensor, int, SamplingConfig, torch.Generator | None],
                                DraftProposal] = self._sampler_drafts

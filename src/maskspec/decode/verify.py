@@ -12,33 +12,83 @@ emitted tokens are then distributed exactly as plain sampling from p.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from maskspec.errors import UsageError
+
+# Seeds as torch.Generator.manual_seed takes them.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# Below this temperature, logits are shifted by their maximum before the division (in float64), so that even the
+# smallest positive temperature gives finite scores: the limit distribution (ties of the argmax share it).
+SHIFTED_TEMPERATURE = 1e-2
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """The sampling options of one generation, checked once here for the CLI, the server and distillation:
+    a finite temperature >= 0 (0: greedy), 0 < top_p <= 1, an integer top_k >= 0 (0: off). A bad value raises
+    UsageError (a ValueError) whose message names the option."""
+
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        t, p, k = self.temperature, self.top_p, self.top_k
+        if not _is_number(t) or not math.isfinite(t) or t < 0:
+            raise UsageError(f"temperature must be a finite number >= 0, got {t!r}")
+        if not _is_number(p) or not math.isfinite(p) or not 0.0 < p <= 1.0:
+            raise UsageError(f"top_p must be in (0, 1], got {p!r}")
+        if not _is_int(k) or k < 0:
+            raise UsageError(f"top_k must be an integer >= 0, got {k!r}")
+        object.__setattr__(self, "temperature", float(t))
+        object.__setattr__(self, "top_p", float(p))
+        object.__setattr__(self, "top_k", int(k))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
+def check_seed(seed: Any) -> int | None:
+    """A sampling seed: None (random) or an integer that torch.Generator.manual_seed takes. UsageError if not."""
+    if seed is None:
+        return None
+    if not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX:
+        raise UsageError(f"seed must be an integer in [-2**63, 2**64 - 1], got {seed!r}")
+    return int(seed)
+
+
+def new_generator(cfg: SamplingConfig, seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """The random generator of one sequence: None for greedy decoding, else seeded with `seed` (None: random)."""
+    if cfg.greedy:
+        return None
+    seed = check_seed(seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    return generator
+
+
 def warped_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """Temperature, then top-k, then top-p (the order HF applies them), as probabilities in float32."""
-    scores = logits.float() / cfg.temperature
+    if cfg.temperature >= SHIFTED_TEMPERATURE:
+        scores = logits.float() / cfg.temperature
+    else:  # (l - max) / T is 0 at the argmax and -inf (or very negative) elsewhere: never inf - inf = NaN
+        wide = logits.double()
+        scores = ((wide - wide.amax(dim=-1, keepdim=True)) / cfg.temperature).float()
     if cfg.top_k > 0 and cfg.top_k < scores.shape[-1]:
         kth = torch.topk(scores, cfg.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
