@@ -55,6 +55,7 @@ class BatchSequence:
     cache_len: int = 0  # valid KV entries: the prompt and every output token but y0
     started: float = 0.0
     context: DraftContext | None = None  # what the drafts may be besides the draft vocabulary
+    error: str | None = None  # why this sequence failed (finish_reason "error"); the others go on
 
     @property
     def finish_reason(self) -> str:
@@ -166,17 +167,12 @@ class BatchedDecoder:
         hidden, layouts, cache = self._forward(seqs, None, specs)
         last = torch.stack([hidden[b, len(s.prompt_ids) - 1] for b, s in enumerate(seqs)])
         logits = self.mtp.head_logits(last)
-        firsts = []
-        for b, s in enumerate(seqs):
-            if s.sampling.greedy:
-                firsts.append(int(logits[b].argmax()))
-            else:
-                firsts.append(sample(warped_probs(logits[b], s.sampling), s.generator))
+        firsts = [self._isolated(s, self._first_token, logits[b], s) for b, s in enumerate(seqs)]
         events = []
         draft_for = []
         for b, s in enumerate(seqs):
             s.stats.forward_passes = 1
-            chunk = self._emit(s, [firsts[b]])
+            chunk = self._emit(s, [firsts[b]]) if firsts[b] is not None else []
             events.append(StepEvent(s, chunk, s.finished))
             if not s.finished:
                 draft_for.append((b, len(s.prompt_ids) - 1, firsts[b]))
@@ -212,11 +208,12 @@ class BatchedDecoder:
         events, draft_for, keep = [], [], []
         for b, s in enumerate(seqs):
             drafts = drafts_of[b]
-            if s.sampling.greedy:
-                accepted, bonus = accept_greedy(drafts.tokens, per_seq[b].argmax(dim=-1).tolist())
-            else:
-                accepted, bonus = accept_sampling(drafts.tokens, drafts.probs,
-                                                  warped_probs(per_seq[b], s.sampling), s.generator)
+            verdict = self._isolated(s, self._verify, per_seq[b], drafts, s)
+            if verdict is None:  # this sequence failed: it leaves the batch, the others go on
+                keep.append(1)
+                events.append(StepEvent(s, [], True))
+                continue
+            accepted, bonus = verdict
             keep.append(1 + accepted)
             s.stats.forward_passes += 1
             s.stats.accepted_histogram[accepted] += 1
@@ -231,6 +228,34 @@ class BatchedDecoder:
             if s.finished:
                 self._close_stats(s)
         return events
+
+    @staticmethod
+    def _first_token(logits: torch.Tensor, s: BatchSequence) -> int:
+        if s.sampling.greedy:
+            return int(logits.argmax())
+        return sample(warped_probs(logits, s.sampling), s.generator)
+
+    @staticmethod
+    def _verify(logits: torch.Tensor, drafts: DraftProposal, s: BatchSequence) -> tuple[int, int]:
+        if s.sampling.greedy:
+            return accept_greedy(drafts.tokens, logits.argmax(dim=-1).tolist())
+        return accept_sampling(drafts.tokens, drafts.probs, warped_probs(logits, s.sampling), s.generator)
+
+    def _isolated(self, s: BatchSequence, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) for one sequence's own work (its sampling rule, its drafts). If it raises, that sequence alone
+        fails (finish_reason "error", `s.error` says why) and None is returned; the batch goes on."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self._fail(s, exc)
+            return None
+
+    def _fail(self, s: BatchSequence, exc: BaseException) -> None:
+        if not s.finished:
+            s.finished = True
+            s.stats.finish_reason = "error"
+            s.error = f"{type(exc).__name__}: {exc}"
+            self._close_stats(s)
 
     def _emit(self, s: BatchSequence, tokens: list[int]) -> list[int]:
         """Record verified tokens; stop at EOS (kept, like HF generate) or at the token budget."""
@@ -265,7 +290,7 @@ class BatchedDecoder:
                 s.proposal = DraftProposal()
                 continue
             if self.propose is not None:
-                s.proposal = self.propose(s, hidden[b, rows], bonus)
+                s.proposal = self._isolated(s, self.propose, s, hidden[b, rows], bonus) or DraftProposal()
                 continue
             s.proposal = DraftProposal()
             chains.append((s, hidden[b, rows], bonus))
@@ -279,10 +304,18 @@ class BatchedDecoder:
             logits, ids = self.mtp.draft_logits(prev, latents[:, j], extra)
             tokens = []
             for i, (s, _, _) in enumerate(chains):
+                if s.finished:  # failed at an earlier draft: a placeholder keeps the batch's shape
+                    tokens.append(int(prev[i]))
+                    continue
                 row, row_ids = logits[i], ids
                 if allowed[i] is not None:
                     row, row_ids = row[allowed[i]], ids[allowed[i]]
-                token, probs = pick_draft(row, row_ids, s.sampling, s.generator, vocab_size)
+                picked = self._isolated(s, pick_draft, row, row_ids, s.sampling, s.generator, vocab_size)
+                if picked is None:
+                    s.proposal = DraftProposal()
+                    tokens.append(int(prev[i]))
+                    continue
+                token, probs = picked
                 if probs is not None:
                     s.proposal.probs.append(probs)
                 s.proposal.tokens.append(token)

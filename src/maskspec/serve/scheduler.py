@@ -4,6 +4,11 @@ Requests wait in a bounded queue; between decoding passes the scheduler admits w
 `max_batch`, drops cancelled ones (clients that went away) and turns each step's tokens into text deltas
 (stop strings and EOS handled as in `maskspec.decode.api.stream`). Results go back to the asyncio handlers
 through `loop.call_soon_threadsafe`.
+
+Nothing a request carries can stop the thread: a failure while admitting a request, or in a sequence's own part
+of a step (its sampling, its drafts, its text), fails that request alone; a failure of the shared forward pass
+fails the requests of that batch and the scheduler goes on with a fresh decoder. If the thread ends anyway,
+`alive` turns False (the server's /health answers 503), new requests are refused and every waiting one is failed.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ class QueueFull(Exception):
     """More requests are waiting than the server accepts."""
 
 
+class SchedulerStopped(Exception):
+    """The scheduler thread is not running: nothing would answer the request."""
+
+
 @dataclass
 class Delta:
     text: str
@@ -49,6 +58,7 @@ class Final:
 @dataclass
 class Failure:
     message: str
+    status: int = 500  # 400: the request itself was refused (e.g. when admitted)
 
 
 @dataclass(eq=False)
@@ -65,6 +75,7 @@ class GenerationRequest:
     sequence: BatchSequence | None = None
     text: Any = None
     first_token_at: float | None = None
+    checked_client: float = field(default_factory=time.monotonic)  # when the handler last asked about its client
 
     def deliver(self, item: Delta | Final | Failure) -> None:
         if self.loop is None or self.queue is None:
@@ -96,12 +107,19 @@ class Scheduler:
         self.cond = threading.Condition()
         self._stop = False
         self._paused = False
-        self.thread = threading.Thread(target=self._loop, name="maskspec-scheduler", daemon=True)
+        self._running = False
+        self.thread = threading.Thread(target=self._run, name="maskspec-scheduler", daemon=True)
 
     # ------------------------------------------------------------------ control
     def start(self) -> "Scheduler":
+        self._running = True
         self.thread.start()
         return self
+
+    @property
+    def alive(self) -> bool:
+        """Whether the scheduler thread is running and will answer requests."""
+        return self._running and self.thread.is_alive()
 
     def stop(self) -> None:
         with self.cond:
@@ -122,6 +140,8 @@ class Scheduler:
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request, or raise QueueFull at once."""
         with self.cond:
+            if not self.alive:
+                raise SchedulerStopped("the server's scheduler is not running; restart the server")
             free_slots = 0 if self._paused else max(0, self.max_batch - len(self.active))
             if len(self.waiting) >= self.max_queue + free_slots:
                 self.metrics.rejected.inc()
@@ -138,30 +158,47 @@ class Scheduler:
             self.cond.notify_all()
 
     # ------------------------------------------------------------------ the loop
-    def _loop(self) -> None:
-        while True:
+    def _run(self) -> None:
+        try:
+            while self._iterate():
+                pass
+        except BaseException:
+            log.exception("the scheduler stopped")
+            raise
+        finally:
+            with self.cond:
+                self._running = False
+                orphans = list(self.waiting) + self.active
+                self.waiting.clear()
+                self.active = []
+            for req in orphans:
+                req.deliver(Failure("the server's scheduler stopped; restart the server", 503))
+
+    def _iterate(self) -> bool:
+        """One round: admit, drop cancelled requests, one decoding step. False once stopped."""
+        try:
             with self.cond:
                 while not self._stop and not self._has_work():
                     self.cond.wait()
                 if self._stop:
-                    break
+                    return False
                 self._admit()
                 for req in [r for r in self.active if r.cancelled]:
                     if not req.sequence.finished:
                         self.decoder.cancel(req.sequence)
                     self.metrics.finished.inc(1, "cancelled")
                     self.active.remove(req)
-            if not self.decoder.has_work():
-                continue
-            try:
+            if self.decoder.has_work():
                 self._step()
-            except Exception as exc:  # keep serving: fail the requests of this batch, start a fresh decoder
-                log.exception("decoding step failed")
-                with self.cond:
-                    failed, self.active = self.active, []
-                    self.decoder = BatchedDecoder(self.mtp, mode=self.mode, k=self.k)
-                for req in failed:
-                    req.deliver(Failure(f"decoding failed: {type(exc).__name__}: {exc}"))
+        except Exception as exc:  # keep serving: fail the requests of this batch, start a fresh decoder
+            log.exception("decoding step failed")
+            with self.cond:
+                failed, self.active = self.active, []
+                self.decoder = BatchedDecoder(self.mtp, mode=self.mode, k=self.k)
+            for req in failed:
+                self.metrics.finished.inc(1, "error")
+                req.deliver(Failure(f"decoding failed: {type(exc).__name__}: {exc}"))
+        return True
 
     def _has_work(self) -> bool:
         return bool(self.active) or (bool(self.waiting) and not self._paused)
@@ -171,9 +208,15 @@ class Scheduler:
             req = self.waiting.popleft()
             if req.cancelled:
                 continue
-            req.text = TextTracker(self.mtp.tokenizer)
-            req.sequence = self.decoder.add(req.prompt_ids, req.max_new_tokens, sampling=req.sampling,
-                                            seed=req.seed, tag=req)
+            try:
+                req.text = TextTracker(self.mtp.tokenizer)
+                req.sequence = self.decoder.add(req.prompt_ids, req.max_new_tokens, sampling=req.sampling,
+                                                seed=req.seed, tag=req)
+            except Exception as exc:  # this request alone cannot start
+                log.warning("request refused when admitted: %s: %s", type(exc).__name__, exc)
+                self.metrics.finished.inc(1, "error")
+                req.deliver(Failure(f"the request cannot be decoded: {exc}", 400))
+                continue
             self.active.append(req)
 
     def _step(self) -> None:
@@ -187,33 +230,48 @@ class Scheduler:
         done, finals = [], []
         for ev in events:
             req: GenerationRequest = ev.sequence.tag
-            seq = ev.sequence
-            if req.cancelled:  # the client left during this step
-                if not seq.finished:
-                    self.decoder.cancel(seq)
-                self.metrics.finished.inc(1, "cancelled")
+            try:
+                final = self._handle(ev, req, now)
+            except Exception as exc:  # this request's own text handling failed: it alone ends
+                log.exception("request failed")
+                if not ev.sequence.finished:
+                    self.decoder.cancel(ev.sequence, "error")
+                self.metrics.finished.inc(1, "error")
+                final = Failure(f"decoding failed: {type(exc).__name__}: {exc}")
+            if ev.sequence.finished or req.cancelled:
                 done.append(req)
-                continue
-            if ev.tokens and req.first_token_at is None:
-                req.first_token_at = now
-                self.metrics.first_token.observe(now - req.arrived)
-            delta, stop_hit = req.text.add(ev.tokens, req.stop)
-            if stop_hit and not seq.finished:
-                self.decoder.cancel(seq, "stop")
-            elif stop_hit:
-                seq.stats.finish_reason = "stop"
-            if seq.finished and not stop_hit:
-                delta += req.text.flush()
-            if delta or ev.tokens:
-                req.deliver(Delta(delta, list(ev.tokens)))
-            if seq.finished:
-                done.append(req)
-                finals.append((req, self._finish(req, now)))
+                if final is not None:
+                    finals.append((req, final))
         if done:
             with self.cond:
                 self.active = [r for r in self.active if r not in done]
         for req, final in finals:  # after the slot is free, so a client that got its answer sees it free
             req.deliver(final)
+
+    def _handle(self, ev: Any, req: GenerationRequest, now: float) -> Final | Failure | None:
+        """Deliver one sequence's new text; its Final (or Failure) once it has finished, else None."""
+        seq = ev.sequence
+        if req.cancelled:  # the client left during this step
+            if not seq.finished:
+                self.decoder.cancel(seq)
+            self.metrics.finished.inc(1, "cancelled")
+            return None
+        if seq.error is not None:
+            self.metrics.finished.inc(1, "error")
+            return Failure(f"decoding failed: {seq.error}")
+        if ev.tokens and req.first_token_at is None:
+            req.first_token_at = now
+            self.metrics.first_token.observe(now - req.arrived)
+        delta, stop_hit = req.text.add(ev.tokens, req.stop)
+        if stop_hit and not seq.finished:
+            self.decoder.cancel(seq, "stop")
+        elif stop_hit:
+            seq.stats.finish_reason = "stop"
+        if seq.finished and not stop_hit:
+            delta += req.text.flush()
+        if delta or ev.tokens:
+            req.deliver(Delta(delta, list(ev.tokens)))
+        return self._finish(req, now) if seq.finished else None
 
     def _finish(self, req: GenerationRequest, now: float) -> Final:
         s = req.sequence.stats
