@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 import time
 import uuid
@@ -21,12 +22,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from maskspec.decode.api import context_length, prepare_input_ids
-from maskspec.decode.verify import SamplingConfig
-from maskspec.errors import MaskspecError
-from maskspec.serve.scheduler import Delta, Failure, Final, GenerationRequest, QueueFull, Scheduler
+from maskspec.decode.verify import SamplingConfig, check_seed
+from maskspec.errors import MaskspecError, UsageError
+from maskspec.serve.scheduler import (Delta, Failure, Final, GenerationRequest, QueueFull, Scheduler,
+                                      SchedulerStopped)
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_STOPS = 16
+MAX_BODY_BYTES = 8 << 20
+# How often a waiting non-streaming handler asks whether its client is still connected (seconds).
+DISCONNECT_POLL = 0.25
 
 
 class ApiError(Exception):
@@ -85,8 +90,8 @@ def _opt_number(body: dict, name: str, default: float, lo: float, hi: float, lo_
     v = body.get(name)
     if v is None:
         return default
-    if not _is_number(v):
-        raise ApiError(400, f"'{name}' must be a number, got {json.dumps(v)[:40]}", name, "invalid_type")
+    if not _is_number(v) or not math.isfinite(v):
+        raise ApiError(400, f"'{name}' must be a finite number, got {json.dumps(v)[:40]}", name, "invalid_type")
     if v > hi or v < lo or (lo_open and v == lo):
         bracket = "(" if lo_open else "["
         raise ApiError(400, f"'{name}' must be in {bracket}{lo}, {hi}], got {v}", name, "invalid_value")
@@ -106,6 +111,10 @@ def parse_params(body: dict) -> Params:
     if top_k < 0:
         raise ApiError(400, f"'top_k' must be >= 0, got {top_k}", "top_k", "invalid_value")
     seed = _opt_int(body, "seed")
+    try:
+        check_seed(seed)
+    except UsageError as exc:
+        raise ApiError(400, str(exc), "seed", "invalid_value") from None
     n = _opt_int(body, "n")
     if n is not None and n != 1:
         raise ApiError(400, f"only n=1 is supported, got n={n}", "n", "invalid_value")
@@ -120,12 +129,15 @@ def parse_params(body: dict) -> Params:
         raise ApiError(400, "'stop' must be a string or a list of strings", "stop", "invalid_type")
     if len(stops) > MAX_STOPS:
         raise ApiError(400, f"at most {MAX_STOPS} stop strings, got {len(stops)}", "stop", "invalid_value")
+    for text in stops:
+        _check_text(text, "stop")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean", "stream", "invalid_type")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
     include_usage = options.get("include_usage", False)
@@ -134,8 +146,21 @@ def parse_params(body: dict) -> Params:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "'model' must be a string", "model", "invalid_type")
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
+    try:
+        sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
+    except UsageError as exc:
+        raise ApiError(400, str(exc), str(exc).split()[0], "invalid_value") from None
     return Params(max_tokens, sampling, seed, [s for s in stops if s], stream, include_usage)
+
+
+def _check_text(text: str, param: str) -> str:
+    """Text the tokenizer can encode: JSON may carry lone UTF-16 surrogates ("\\ud800"), which are not text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"'{param}' holds a lone UTF-16 surrogate at character {exc.start}; send valid "
+                            "Unicode text", param, "invalid_value") from None
+    return text
 
 
 def _messages(body: dict) -> list[dict]:
@@ -169,7 +194,7 @@ def _messages(body: dict) -> list[dict]:
         elif not isinstance(content, str):
             raise ApiError(400, f"{param}.content must be a string or a list of text parts", f"{param}.content",
                            "invalid_type")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _check_text(content, f"{param}.content")})
     return out
 
 
@@ -180,7 +205,7 @@ def _prompt(body: dict, vocab_size: int) -> str | list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return prompt
+        return _check_text(prompt, "prompt")
     if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
         bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
         if bad is not None:
@@ -225,11 +250,18 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                            "invalid_api_key")
 
     async def json_body(request: Request) -> dict:
-        raw = await request.body()
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > MAX_BODY_BYTES:
+                raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", None,
+                               "request_too_large")
         try:
-            body = json.loads(raw)
+            body = json.loads(bytes(raw))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON ({exc})", None, "invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
         return body
@@ -255,9 +287,12 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
                                  seed=params.seed, stop=params.stop)
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": config.model_name, "mode": scheduler.mode,
-                "k": scheduler.decoder.k, "active": len(scheduler.active), "waiting": len(scheduler.waiting)}
+    async def health() -> JSONResponse:
+        alive = scheduler.alive
+        return JSONResponse({"status": "ok" if alive else "unhealthy", "scheduler": alive,
+                             "model": config.model_name, "mode": scheduler.mode, "k": scheduler.decoder.k,
+                             "active": len(scheduler.active), "waiting": len(scheduler.waiting)},
+                            status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def metrics_endpoint() -> PlainTextResponse:
@@ -295,7 +330,11 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         if isinstance(prompt, str):
             if mtp.tokenizer is None:
                 raise ApiError(400, "this model has no tokenizer: send token ids", "prompt", "invalid_value")
-            ids = mtp.tokenizer(prompt).input_ids
+            try:
+                ids = mtp.tokenizer(prompt).input_ids
+            except Exception as exc:
+                raise ApiError(400, f"the tokenizer cannot encode this prompt: {exc}", "prompt",
+                               "invalid_value") from None
         else:
             ids = list(prompt)
         return await respond(request, make_request(ids, params), params, chat=False)
@@ -307,6 +346,8 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             scheduler.submit(gen)
         except QueueFull as exc:
             raise ApiError(429, f"{exc}; retry later", None, "rate_limit_exceeded", "rate_limit_error") from None
+        except SchedulerStopped as exc:
+            raise ApiError(503, str(exc), None, "service_unavailable", "server_error") from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if params.stream:
@@ -317,16 +358,13 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         final: Final | None = None
         try:
             while final is None:
-                try:
-                    item = await asyncio.wait_for(gen.queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return error_response(499, "client disconnected")
-                    continue
+                item = await next_item(request, gen)
+                if item is None:
+                    return error_response(499, "client disconnected")
                 if isinstance(item, Delta):
                     texts.append(item.text)
                 elif isinstance(item, Failure):
-                    return error_response(500, item.message, None, None, "server_error")
+                    return failure_response(item)
                 else:
                     final = item
         finally:
@@ -341,6 +379,25 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": config.model_name, "choices": [choice], "usage": usage(final),
                 "maskspec": extra(final)}
+
+    async def next_item(request: Request, gen: GenerationRequest) -> Delta | Final | Failure | None:
+        """The scheduler's next item for this request, or None once its client has gone. The client is asked
+        about every DISCONNECT_POLL seconds, also while items keep coming (a running generation yields them
+        faster than any timeout) and while the request waits in the queue."""
+        while True:
+            if time.monotonic() - gen.checked_client >= DISCONNECT_POLL:
+                if await request.is_disconnected():
+                    return None
+                gen.checked_client = time.monotonic()
+            try:
+                return await asyncio.wait_for(gen.queue.get(), timeout=DISCONNECT_POLL)
+            except asyncio.TimeoutError:
+                continue
+
+    def failure_response(failure: Failure) -> JSONResponse:
+        if failure.status < 500:
+            return error_response(failure.status, failure.message, None, "invalid_value")
+        return error_response(failure.status, failure.message, None, None, "server_error")
 
     def usage(final: Final) -> dict:
         return {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
@@ -374,13 +431,16 @@ def create_app(scheduler: Scheduler, config: ServerConfig) -> FastAPI:
             if chat:
                 yield chunk("", None, role=True)
             while True:
-                item = await gen.queue.get()
+                item = await next_item(request, gen)
+                if item is None:  # the client has gone: nothing more to send (finally frees the slot)
+                    return
                 if isinstance(item, Delta):
                     if item.text:
                         yield chunk(item.text, None)
                 elif isinstance(item, Failure):
                     finished = True
-                    err = {"error": {"message": item.message, "type": "server_error", "param": None, "code": None}}
+                    kind = "invalid_request_error" if item.status < 500 else "server_error"
+                    err = {"error": {"message": item.message, "type": kind, "param": None, "code": None}}
                     yield f"data: {json.dumps(err)}\n\n"
                     break
                 else:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from typing import Optional
 
 import typer
@@ -10,6 +12,29 @@ import typer
 from maskspec.decode.cli import check_mode
 from maskspec.decode.speculative import drafts_per_step
 from maskspec.errors import MaskspecError
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a busy port or a bad address is a one-line error at
+    once, and nothing can take the port between this check and serving."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise MaskspecError(f"--host {host!r} is not an address of this machine ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise MaskspecError(f"port {port} on {host} is already in use; stop what serves there or pass "
+                                "another --port") from None
+        raise MaskspecError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def register(app: typer.Typer) -> None:
@@ -48,11 +73,10 @@ def register(app: typer.Typer) -> None:
 
         if threads:
             torch.set_num_threads(threads)
-        mtp, mode = load_for_cli(model, adapter, mode, dtype, device)
-        try:
-            drafts = drafts_per_step(mtp, mode, k)  # the decoders' own rule, checked before the server starts
-        except ValueError as exc:
-            raise MaskspecError(f"--k: {exc}") from None
+        sock = bind_socket(host, port)
+        mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
+        drafts = drafts_per_step(mtp, mode, k)
+        port = sock.getsockname()[1]
         if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
             typer.secho(f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
                         err=True, fg=typer.colors.YELLOW)
@@ -63,7 +87,9 @@ def register(app: typer.Typer) -> None:
         typer.secho(f"maskspec serve: {mtp.model_name}, mode {mode}"
                     f"{'' if mode == 'ar' else f', k {drafts}'}, max batch {max_batch}, "
                     f"http://{host}:{port}/v1", err=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
         try:
-            uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="off")
+            server.run(sockets=[sock])
         finally:
             scheduler.stop()
+            sock.close()
