@@ -8,6 +8,11 @@ import sys
 
 import typer
 
+try:  # typer carries its own copy of click; the parse errors are its classes
+    from typer._click import exceptions as click_errors
+except ImportError:  # older typer: plain click
+    from click import exceptions as click_errors
+
 from maskspec import __version__
 from maskspec.errors import MaskspecError
 
@@ -41,15 +46,31 @@ for _name in COMMAND_MODULES:
     _module.register(app)
 
 
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=True)
-    except MaskspecError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        code = app(args=argv, standalone_mode=False, prog_name="maskspec")
+    except click_errors.NoArgsIsHelpError as exc:  # plain `maskspec`: the help text
+        typer.echo(exc.ctx.get_help() if exc.ctx is not None else "usage: maskspec COMMAND --help", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except click_errors.UsageError as exc:  # a bad option or argument, as one line (click's own format is a box)
+        command = exc.ctx.command_path if exc.ctx is not None else "maskspec"
+        typer.secho(f"error: {_one_line(exc.format_message())} (see `{command} --help`)", err=True,
+                    fg=typer.colors.RED)
+        sys.exit(2)
+    except MaskspecError as exc:
+        typer.secho(f"error: {_one_line(exc)}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except click_errors.ClickException as exc:  # e.g. a file option that cannot be opened
+        typer.secho(f"error: {_one_line(exc.format_message())}", err=True, fg=typer.colors.RED)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,23 @@ import typer
 
 from maskspec.decode.api import StreamChunk, generate, stream
 from maskspec.decode.speculative import MODES, drafts_per_step
+from maskspec.decode.verify import SamplingConfig, check_seed
+from maskspec.errors import MaskspecError, UsageError
 from maskspec.model.mtp import MTPModel
 
 
 def load_for_cli(model: str, adapter: Optional[str], mode: str, dtype: str, device: str,
-                 quiet: bool = False) -> tuple[MTPModel, str]:
+                 quiet: bool = False, k: Optional[int] = None) -> tuple[MTPModel, str]:
     """Load the model with the adapter the user asked for, or the shipped default adapter where there is one.
-    Without any adapter, speculative modes fall back to `ar` with a notice. Returns (model, effective mode)."""
-    from maskspec.adapter import shipped_adapter_available
-    from maskspec.hub import is_default_model
+    Without any adapter, speculative modes fall back to `ar` with a notice. `--k` is checked against the adapter's
+    config before the model loads (and against the loaded adapter after). Returns (model, effective mode)."""
+    from maskspec.adapter import read_adapter_config, resolve_adapter, shipped_adapter_available
+    from maskspec.hub import is_default_model, parse_dtype, resolve_device
 
+    device = resolve_device(device)
+    parse_dtype(dtype)
+    if k is not None and k < 1:
+        raise UsageError(f"--k must be at least 1, got {k}")
     if adapter is None and is_default_model(model) and shipped_adapter_available():
         adapter = "default"
     if adapter is None and mode != "ar":
@@ -28,8 +35,31 @@ def load_for_cli(model: str, adapter: Optional[str], mode: str, dtype: str, devi
                         "(plain, one token per pass). Train one with `maskspec train`.", err=True,
                         fg=typer.colors.YELLOW)
         mode = "ar"
+    if adapter is not None and k is not None and mode != "ar":
+        adapter_k = read_adapter_config(resolve_adapter(adapter, model)).k
+        if k > adapter_k:
+            raise UsageError(f"--k must be in 1..{adapter_k} (the adapter's k), got {k}")
     mtp = MTPModel.from_pretrained(model, adapter=adapter, dtype=dtype, device=device)
+    drafts_per_step(mtp, mode, k)
     return mtp, mode
+
+
+def check_sampling(temperature: float, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None) -> None:
+    """The decoders' own checks of the sampling options, run before a model is loaded."""
+    SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
+    check_seed(seed)
+
+
+def read_line(prompt: str) -> str:
+    """One line of interactive input. Bytes that are not UTF-8 are a one-line error: on a terminal the line is
+    skipped (the conversation goes on), from a pipe or file the command stops."""
+    while True:
+        try:
+            return input(prompt)
+        except UnicodeDecodeError:
+            if not sys.stdin.isatty():
+                raise UsageError("standard input is not UTF-8 text") from None
+            typer.secho("error: that line is not UTF-8 text; type it again", err=True, fg=typer.colors.RED)
 
 
 def check_mode(mode: str) -> str:
@@ -49,9 +79,9 @@ def register(app: typer.Typer) -> None:
         k: Optional[int] = typer.Option(None, "--k", help="Drafts per step (default: the k the adapter's config "
                                                           "recommends for this device, else its k)."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=0),
-        temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0),
+        temperature: float = typer.Option(0.0, "--temperature", "-t"),
         top_p: float = typer.Option(1.0, "--top-p"),
-        top_k: int = typer.Option(0, "--top-k", min=0),
+        top_k: int = typer.Option(0, "--top-k"),
         stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
         seed: Optional[int] = typer.Option(None, "--seed"),
         dtype: str = typer.Option("fp32", "--dtype"),
@@ -59,7 +89,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (last line of stdout)."),
     ) -> None:
         """Generate an answer to PROMPT, several tokens per forward pass."""
-        mtp, mode = load_for_cli(model, adapter, mode, dtype, device)
+        check_sampling(temperature, top_p, top_k, seed)
+        mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
 
         def show(chunk: StreamChunk) -> None:
             if not as_json:
@@ -87,19 +118,20 @@ def register(app: typer.Typer) -> None:
         mode: str = typer.Option("quadratic", "--mode", callback=check_mode),
         k: Optional[int] = typer.Option(None, "--k"),
         max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1),
-        temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0),
+        temperature: float = typer.Option(0.0, "--temperature", "-t"),
         system: Optional[str] = typer.Option(None, "--system", help="System message."),
         dtype: str = typer.Option("fp32", "--dtype"),
         device: str = typer.Option("cpu", "--device"),
     ) -> None:
         """Interactive multi-turn chat. /reset clears the history, /exit quits, Ctrl-C stops an answer."""
-        mtp, mode = load_for_cli(model, adapter, mode, dtype, device)
+        check_sampling(temperature)
+        mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
         history: list[dict] = [{"role": "system", "content": system}] if system else []
         typer.secho("maskspec chat: /reset clears the conversation, /exit quits, Ctrl-C stops an answer.",
                     fg=typer.colors.BRIGHT_BLACK)
         while True:
             try:
-                line = input("you> ")
+                line = read_line("you> ")
             except (EOFError, KeyboardInterrupt):
                 print()
                 return
@@ -123,6 +155,11 @@ def register(app: typer.Typer) -> None:
                     sys.stdout.flush()
             except KeyboardInterrupt:
                 sys.stdout.write(" [stopped]")
+            except MaskspecError as exc:  # e.g. the conversation outgrew the context: drop the turn, keep chatting
+                history.pop()
+                sys.stdout.write("\n")
+                typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+                continue
             history.append({"role": "assistant", "content": answer})
             sys.stdout.write("\n")
             if stats is not None:
