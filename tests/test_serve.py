@@ -13,12 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
 
 from maskspec.decode.api import generate
-from maskspec.model.mtp import MTPConfig, MTPModel, randomize_adapter_
+from maskspec.model.mtp import MTPModel
 from maskspec.serve.app import BackgroundServer, build_server
-from maskspec.testing import tiny_model
 
 KEY = "sk-test-key"
 LIMIT = 200  # --max-new-tokens-limit
@@ -26,19 +24,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from maskspec.hub import embedded_model_path
-
-    root = tmp_path_factory.mktemp("served")
-    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
-    model = tiny_model("llama", dtype=torch.float64, vocab_size=len(tokenizer))  # context length 512
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    mtp = randomize_adapter_(MTPModel(model, tokenizer, MTPConfig(k=3, rank=4)), seed=1)
-    mtp.save_adapter(root / "adapter")
-    return root
+def files(served_files):
+    return served_files
 
 
 @pytest.fixture(scope="module")
