@@ -5,7 +5,8 @@ Training on the model's own answers matches what it will be asked to predict whe
 Resumable and deterministic: prompts are cut into fixed batches (by position in the selected prompt list) and
 batch i is generated with a seed derived from (seed, i), so a run that was interrupted and resumed writes the
 same records as an uninterrupted one. Each record is one `write` of a whole line followed by a flush; on resume,
-ids already in the output are skipped and a trailing partial line (a killed writer) is cut off.
+ids already in the output are skipped and a trailing partial line (a killed writer) is cut off. A file that is
+not distill output is refused before anything is written to it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
+from maskspec.errors import UsageError
 from maskspec.train.data import DataError, _render, check_messages, iter_jsonl
 
 
@@ -96,29 +98,84 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+# Every record distill() writes is `json.dumps` of a dict whose first key is "id": a line starts with this.
+RECORD_PREFIX = b'{"id": '
+
+
+def _is_record(obj: Any) -> bool:
+    return (isinstance(obj, dict) and "id" in obj and isinstance(obj.get("messages"), list)
+            and isinstance(obj.get("distill"), dict))
+
+
+def _not_distill_output(out: Path, why: str) -> DataError:
+    return DataError(f"{why}: --out {out} is not `maskspec distill` output (left untouched); choose another --out")
+
+
 def load_done_ids(out: str | Path) -> tuple[set[str], bool]:
     """Ids already written to `out`, repairing a trailing partial line left by a killed run. Returns
-    (ids, whether a partial line was cut off)."""
+    (ids, whether a partial line was cut off). The whole file is checked first: every complete line must be a
+    distill record and a partial last line must look like the start of one; otherwise DataError, and the file
+    is not changed."""
     out = Path(out)
     if not out.exists():
         return set(), False
-    data = out.read_bytes()
-    repaired = False
-    if data and not data.endswith(b"\n"):
-        # Every record is written as one line ending in a newline: bytes after the last newline are a record
-        # whose write was interrupted. Cut them off; that record is generated again.
-        keep = data.rfind(b"\n") + 1
-        with open(out, "r+b") as f:
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        repaired = True
+    if not out.is_file():
+        raise DataError(f"--out {out} is not a file; distill writes a JSONL file: choose a file path for --out")
+    try:
+        data = out.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read --out {out}: {exc.strerror or exc}") from None
+    keep = data.rfind(b"\n") + 1
+    lines = data[:keep].split(b"\n")[:-1]
+    tail = data[keep:]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append((number, json.loads(line.decode("utf-8"))))
+        except UnicodeDecodeError:
+            raise _not_distill_output(out, f"{out}:{number}: not UTF-8 text") from None
+        except json.JSONDecodeError as exc:
+            raise _not_distill_output(out, f"{out}:{number}: not valid JSON ({exc.msg})") from None
     done = set()
-    for number, obj in iter_jsonl(out):
-        if "id" not in obj:
-            raise DataError(f"{out}:{number}: record has no 'id'; is this a `maskspec distill` output?")
+    for number, obj in records:
+        if not _is_record(obj):
+            raise _not_distill_output(out, f"{out}:{number}: not a distill record (an object with 'id', "
+                                           "'messages' and 'distill')")
         done.add(str(obj["id"]))
-    return done, repaired
+    if not tail:
+        return done, False
+    # Bytes after the last newline: a record whose write was interrupted, if it starts as our records do.
+    if not tail.startswith(RECORD_PREFIX):
+        raise _not_distill_output(out, f"{out}:{len(lines) + 1}: an unfinished last line that is not a distill "
+                                       "record")
+    try:
+        whole = json.loads(tail.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        whole = None  # cut in the middle of a record, as a killed writer leaves it
+    if whole is not None and not _is_record(whole):
+        raise _not_distill_output(out, f"{out}:{len(lines) + 1}: not a distill record")
+    # Cut it off; that record is generated again.
+    with open(out, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return done, True
+
+
+def _check_out_path(out: Path, prompts: Path) -> None:
+    """--out must be a file path (missing or a file) that is not the prompt file."""
+    if out.exists() and not out.is_file():
+        raise DataError(f"--out {out} is not a file; distill writes a JSONL file: choose a file path for --out")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"--out {out}: {parent} is not a folder; choose another --out")
+            break
+    same = out.resolve() == prompts.resolve()
+    if not same and out.exists() and prompts.exists():
+        same = os.path.samefile(out, prompts)
+    if same:
+        raise DataError(f"--out {out} is the --prompts file; distill appends answers to --out: choose another file")
 
 
 def _batch_seed(seed: int, batch_index: int) -> int:
@@ -161,11 +218,21 @@ def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
     """Answer the selected prompts with the base model and append chat records to `cfg.out` (see module doc)."""
     from tqdm.auto import tqdm
 
-    from maskspec.hub import load_model_and_tokenizer
+    from maskspec.decode.verify import SamplingConfig
+    from maskspec.hub import load_model_and_tokenizer, parse_dtype, resolve_device
     from maskspec.model.mtp import _eos_ids
 
+    # Every option and the output path are checked before anything is read, written or loaded.
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
-        raise DataError("--batch-size and --max-new-tokens must be >= 1")
+        raise UsageError("--batch-size and --max-new-tokens must be >= 1")
+    if cfg.limit is not None and cfg.limit < 0:
+        raise UsageError(f"--limit must be >= 0, got {cfg.limit}")
+    if cfg.per_domain is not None and cfg.per_domain < 1:
+        raise UsageError(f"--per-domain must be >= 1, got {cfg.per_domain}")
+    SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p)
+    device = resolve_device(cfg.device)
+    parse_dtype(cfg.dtype)
+    _check_out_path(Path(cfg.out), Path(cfg.prompts))
     selected = select_prompts(read_prompts(cfg.prompts), per_domain=cfg.per_domain, limit=cfg.limit,
                               shuffle=cfg.shuffle, seed=cfg.seed)
     done, repaired = load_done_ids(cfg.out)
@@ -174,7 +241,6 @@ def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
     if stats.already_done == len(selected):
         return stats
     if model is None:
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=device)
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"model {cfg.model!r} has no tokenizer with a chat template; distill needs a chat model")
