@@ -43,7 +43,8 @@ fi
 
 echo "== train: k=$K rank=$RANK steps=$STEPS batch=$BATCH (limit ${TRAIN_SECONDS}s)"
 resume=""
-[ -d "$OUT/adapter/checkpoints" ] && resume="--resume"
+# An existing adapter folder is this recipe's earlier training output: continue it.
+[ -d "$OUT/adapter" ] && resume="--resume"
 init=""
 [ -n "${INIT_ADAPTER:-}" ] && init="--init-adapter $INIT_ADAPTER"
 set +e

@@ -15,7 +15,8 @@ run is repaired). Deterministic for a given --seed."""
 TRAIN_HELP = """Train a mask-token adapter (mask embeddings, gated LoRA, sampler head) on chat records.
 
 The base model stays frozen. Data parallel with `accelerate launch --num_processes N maskspec train ...`. \
---out becomes a loadable adapter folder; it also holds metrics.jsonl and checkpoints/ (see --resume)."""
+--out becomes a loadable adapter folder; it also holds metrics.jsonl and checkpoints/. An --out that already \
+holds training output needs --resume (continue it) or --overwrite (replace it)."""
 
 
 def register(app: typer.Typer) -> None:
@@ -35,7 +36,8 @@ def register(app: typer.Typer) -> None:
         shuffle: bool = typer.Option(False, "--shuffle", help="Answer the prompts in a seeded random order, so "
                                      "that a run stopped early (time limit) has a mix of all domains."),
         seed: int = typer.Option(0, "--seed", help="Seed of sampling, --per-domain and --shuffle."),
-        device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
+        device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps or auto (default: "
+                                             "auto, cuda if available)."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (default) or bf16."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
@@ -87,6 +89,8 @@ def register(app: typer.Typer) -> None:
         eval_every: int = typer.Option(0, "--eval-every", help="Held-out accuracy every N steps (and at the end)."),
         eval_size: int = typer.Option(32, "--eval-size", help="Held-out examples (at most a tenth of the data)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace the adapter, checkpoints and metrics "
+                                       "that --out holds (earlier `maskspec train` output only)."),
         init_adapter: Optional[Path] = typer.Option(None, "--init-adapter", help="Start from this adapter's "
                                                     "weights (same --k, --rank, --alpha), e.g. to train it longer."),
         time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after N seconds of training; "
@@ -108,7 +112,7 @@ def register(app: typer.Typer) -> None:
                           max_length=max_length, block_fraction=block_fraction, max_blocks=max_blocks,
                           ce_weight=ce_weight, sampler_weight=sampler_weight, lcm_weight=lcm_weight,
                           kl_weight=kl_weight, save_every=save_every, keep_checkpoints=keep_checkpoints,
-                          eval_every=eval_every, eval_size=eval_size, resume=resume,
+                          eval_every=eval_every, eval_size=eval_size, resume=resume, overwrite=overwrite,
                           init_adapter=str(init_adapter) if init_adapter is not None else None,
                           time_limit=time_limit, draft_vocab=draft_vocab, seed=seed, progress=progress, cpu=cpu)
         result = train(cfg)

@@ -39,6 +39,7 @@ CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 COMPLETE_MARKER = "COMPLETE"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class TrainError(MaskspecError):
@@ -87,6 +88,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     eval_size: int = 32
     resume: bool = False
+    # replace the adapter, checkpoints and metrics of an earlier training run in `out`
+    overwrite: bool = False
     # start from the weights of an existing adapter folder (same k, rank, alpha and target modules)
     init_adapter: str | None = None
     # stop after this many seconds of training steps; the lr schedule is shortened to the steps that fit
@@ -395,7 +398,7 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            self.tb = SummaryWriter(str(out / TENSORBOARD_DIR))
         except Exception:  # tensorboard not installed
             self.tb = None
 
@@ -449,6 +452,55 @@ def evaluate(mtp, examples: Sequence[Example], batch_size: int, *, bf16: bool = 
             "targets": int(counts[0].sum())}
 
 
+# ---------------------------------------------------------------------------------------------- output folder
+def _training_output(out: Path) -> list[str]:
+    """The names in `out` that an earlier `maskspec train` run writes."""
+    from maskspec.adapter import CONFIG_FILE, WEIGHTS_FILE
+
+    return [name for name in (CONFIG_FILE, WEIGHTS_FILE, CHECKPOINT_DIR, METRICS_FILE) if (out / name).exists()]
+
+
+def check_output_folder(cfg: TrainConfig) -> None:
+    """Refuse an --out that training would damage, before anything is loaded or written: a file, a non-empty
+    folder that is not training output, or earlier training output without --resume or --overwrite."""
+    out = Path(cfg.out)
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("--resume continues the run in --out, --overwrite replaces it: pass only one of them")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TrainError(f"--out {out}: {parent} is not a folder; choose another --out")
+            break
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise TrainError(f"--out {out} is a file; train writes an adapter folder there: choose another --out")
+    if not any(out.iterdir()):
+        return
+    found = _training_output(out)
+    if not found:
+        raise TrainError(f"--out {out} is a non-empty folder that is not `maskspec train` output (no adapter, "
+                         "checkpoints or metrics); choose another --out")
+    if cfg.resume or cfg.overwrite:
+        return
+    steps = [s for s, _ in list_checkpoints(out)]
+    what = f"checkpoints up to step {steps[-1]}" if steps else ", ".join(found)
+    raise TrainError(f"--out {out} already holds training output ({what}); pass --resume to continue that run, "
+                     "--overwrite to replace it, or choose another --out")
+
+
+def _clear_training_output(out: Path) -> None:
+    """--overwrite: the old run's checkpoints and metrics go, so a later --resume cannot mix two runs. The old
+    adapter files stay until the new ones replace them (--init-adapter may name this folder)."""
+    for name in (CHECKPOINT_DIR, TENSORBOARD_DIR):
+        path = out / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+    (out / METRICS_FILE).unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------------- training
 def _init_from_adapter(mtp, cfg: TrainConfig) -> None:
     """Start from an existing adapter's weights; its shape must be the one this run trains."""
@@ -493,21 +545,11 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
     from maskspec.model.mtp import MTPConfig, MTPModel
 
     cfg.validate()
+    check_output_folder(cfg)  # every process, before the main one changes anything
     accelerator = Accelerator(cpu=cfg.cpu)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
     out = Path(cfg.out)
-
-    existing = list_checkpoints(out)
-    if existing and not cfg.resume:
-        raise TrainError(f"{out} already holds training checkpoints; pass --resume to continue, or choose "
-                         "another --out")
-    if cfg.resume and not existing:
-        if main:
-            warnings.warn(f"--resume: no checkpoint in {out}; starting from scratch", stacklevel=2)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    _barrier()
 
     torch.manual_seed(cfg.seed)  # identical adapter init on every process (then broadcast, to be sure)
     if mtp is None:
@@ -538,6 +580,18 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
         raise TrainError("no training examples")
     _set_draft_vocab(mtp, cfg.draft_vocab, examples)
     stream = DataStream(train_examples, cfg.seed)
+
+    # --out changes only now that the model and the data have loaded: a run that fails to start leaves it as it was.
+    _barrier()
+    if main:
+        if cfg.overwrite:
+            _clear_training_output(out)
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    existing = list_checkpoints(out)
+    if cfg.resume and not existing:
+        if main:
+            warnings.warn(f"--resume: no checkpoint in {out}; starting from scratch", stacklevel=2)
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     budget = StepBudget(cfg, clock, device)
