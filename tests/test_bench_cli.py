@@ -55,10 +55,10 @@ def test_bench_end_to_end(tiny_folders, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(bench_app(), [
         "bench", "--model", str(model_dir), "--adapter", str(adapter_dir), "--domains", "math,code", "--n", "1",
-        "--k", "1,2,4", "--modes", "ar,linear,quadratic", "--max-new-tokens", "8", "--repeats", "2",
+        "--modes", "ar,linear,quadratic", "--max-new-tokens", "8", "--repeats", "2",
         "--out", str(out), "--device", "cpu", "--dtype", "fp32"])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert "k = 4 skipped" in result.output
+    assert "k = 4, 8 skipped" in result.output  # the default ks beyond the adapter's k = 2
     assert "exact match" in result.output
 
     for name in ("results.json", "records.jsonl", "report.md", "tau_vs_k.png", "speedup.png"):
@@ -68,7 +68,7 @@ def test_bench_end_to_end(tiny_folders, tmp_path):
     assert {"cpu", "gpu", "threads", "torch", "transformers", "maskspec", "dtype"} <= set(payload["system"])
     assert payload["system"]["dtype"] == "float32"
     config = payload["config"]
-    assert config["k"] == [1, 2, 4] and config["k_skipped"] == [4] and config["max_new_tokens"] == 8
+    assert config["k"] == [1, 2, 4, 8] and config["k_skipped"] == [4, 8] and config["max_new_tokens"] == 8
     assert config["methods"] == ["hf", "hf-prompt-lookup", "ar", "quadratic k=1", "quadratic k=2", "linear k=1",
                                  "linear k=2"]
 

@@ -101,15 +101,15 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
                    ) -> dict[str, Any]:
     """The whole command (also callable from Python). Returns the acceptance.json payload."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers.utils import logging as hf_logging
 
     from maskspec.adapter import shipped_adapter_available
-    from maskspec.bench.cli import check_choices, split_option
+    from maskspec.bench.cli import check_choices, check_out_folder, split_option
     from maskspec.bench.runner import DRAFT_MODES, system_info
     from maskspec.bench.suites import load_suite, select_prompts
-    from maskspec.hub import is_default_model
+    from maskspec.hub import is_default_model, resolve_device
     from maskspec.model.mtp import MTPModel
+    from maskspec.progress import PromptProgress
 
     drafter_list = check_choices("--drafters", split_option(drafters), DRAFTERS)
     mode_list = check_choices("--modes", split_option(modes), DRAFT_MODES)
@@ -124,21 +124,21 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
         adapter = "default"
     prompts = select_prompts(load_suite(suite), split_option(domains) or None, n)
     out = Path(out) if out is not None else Path("bench-results") / f"acceptance-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_out_folder(out, "acceptance.json", "acceptance")
+    device = resolve_device(device)
+    known_answers = _read_answers(answers) if answers is not None else {}
 
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 140)
     hf_logging.set_verbosity_error()
-    with console.status(f"loading model {model!r} with adapter {adapter!r}"):
+    with PromptProgress("acceptance", len(prompts)) as progress:
+        progress.stage(f"loading model {model!r} with adapter {adapter!r} ({device}, {dtype})")
         mtp = MTPModel.from_pretrained(model, adapter=adapter, dtype=dtype, device=device)
-    known_answers = _read_answers(answers) if answers is not None else {}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    started = time.perf_counter()
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("decoding", total=len(prompts))
+        started = time.perf_counter()
+        progress.stage(f"decoding and scoring {len(prompts)} prompts")
         profiles = profile_prompts(mtp, prompts, max_new_tokens, drafter_list,
-                                   on_done=lambda p: progress.update(task, advance=1,
-                                                                     description=f"{p.domain}/{p.prompt_id}"),
+                                   on_done=lambda p: progress.done(f"{p.domain}/{p.prompt_id}"),
                                    answers=known_answers)
     if answers is not None:
         _write_answers(answers, known_answers)
@@ -196,7 +196,7 @@ def register(app: typer.Typer) -> None:
                                      "vocabulary) and/or head (the base head's argmax at the masks)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
                                                                "bench-results/acceptance-<timestamp>)."),
-        device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N, mps or auto."),
         dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16."),
         answers: Optional[Path] = typer.Option(None, "--answers", help="JSON file of greedy answers to reuse and "
                                                "extend (they depend on the base model only, so adapters can be "

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from maskspec.errors import MaskspecError
+from maskspec.errors import MaskspecError, UsageError
+
+DEFAULT_KS = (1, 2, 4, 8)
 
 BENCH_HELP = """Benchmark maskspec decoding against Hugging Face greedy generation and prompt lookup.
 
@@ -39,54 +42,69 @@ def check_choices(option: str, values: list[str], allowed: tuple[str, ...]) -> l
     return list(dict.fromkeys(values))
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MaskspecError("--device cuda was given but torch sees no CUDA GPU; use --device cpu")
-    return device
+def check_out_folder(out: Path, marker: str, command: str) -> None:
+    """An --out folder that a command may write into: missing, empty, or an earlier output of the same command
+    (`marker` holds a JSON object with "config" and "results"). Anything else is someone else's: UsageError."""
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {out}: {parent} is not a folder; choose another --out")
+            break
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {out} is a file; `maskspec {command}` writes a folder: choose another --out")
+    if not any(out.iterdir()):
+        return
+    try:
+        payload = json.loads((out / marker).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        payload = None
+    if not (isinstance(payload, dict) and {"config", "results"} <= set(payload)):
+        raise UsageError(f"--out {out} is not a `maskspec {command}` output folder (no {marker} of an earlier run); "
+                         "choose another --out")
 
 
 def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Optional[Path] = None,
-              domains: Optional[str] = None, n: Optional[int] = None, k: str = "1,2,4,8",
+              domains: Optional[str] = None, n: Optional[int] = None, k: Optional[str] = None,
               modes: str = "ar,linear,quadratic", baselines: str = "hf,hf-prompt-lookup",
               max_new_tokens: int = 128, temperature: float = 0.0, repeats: int = 1, out: Optional[Path] = None,
               device: str = "auto", dtype: Optional[str] = None, prompt_lookup_tokens: int = 10, seed: int = 0,
               plots: bool = True) -> dict[str, Any]:
-    """The whole benchmark (also callable from Python). Returns the results.json payload plus `out`."""
+    """The whole benchmark (also callable from Python). Returns the results.json payload plus `out`. `k` None:
+    1,2,4,8, keeping those the adapter drafts; an explicit k above the adapter's k is an error."""
     import torch
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers.utils import logging as hf_logging
 
-    from maskspec.adapter import shipped_adapter_available
+    from maskspec.adapter import read_adapter_config, resolve_adapter, shipped_adapter_available
     from maskspec.bench import report
     from maskspec.bench.runner import (BASELINES, MODES, BenchRunner, BenchSettings, build_methods,
                                        system_info)
     from maskspec.bench.suites import load_suite, select_prompts
-    from maskspec.hub import is_default_model, parse_dtype
+    from maskspec.decode.verify import SamplingConfig
+    from maskspec.hub import is_default_model, parse_dtype, resolve_device
     from maskspec.model.mtp import MTPConfig, MTPModel
+    from maskspec.progress import PromptProgress
 
     console = Console()
     if not console.is_terminal:  # logs and pipes: wide enough for the tables instead of rich's 80 columns
         console.width = max(console.width, 140)
-    ks = _parse_ks(k)
+    ks = _parse_ks(k) if k is not None else list(DEFAULT_KS)
     mode_list = check_choices("--modes", split_option(modes), MODES)
     baseline_list = check_choices("--baselines", split_option(baselines), BASELINES)
     if max_new_tokens < 1:
         raise MaskspecError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if repeats < 1:
         raise MaskspecError(f"--repeats must be at least 1, got {repeats}")
-    if temperature < 0:
-        raise MaskspecError(f"--temperature must be >= 0, got {temperature}")
+    SamplingConfig(temperature=temperature)
     if prompt_lookup_tokens < 1:
         raise MaskspecError(f"--prompt-lookup-tokens must be at least 1, got {prompt_lookup_tokens}")
     prompts = select_prompts(load_suite(suite), split_option(domains) or None, n)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     torch_dtype = parse_dtype(dtype or ("bf16" if device.startswith("cuda") else "fp32"))
     out = Path(out) if out is not None else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
+    check_out_folder(out, "results.json", "bench")
 
     notes: list[str] = []
     if "hf" not in baseline_list:
@@ -109,23 +127,46 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
                          if is_default_model(model) else f"No --adapter given for model {model!r}")
             notes[-1] += ("; running only the hf baselines and the reference loop (ar). Pass --adapter FOLDER "
                           "(from `maskspec train`) to measure drafting, or --adapter none for an untrained one.")
+    if adapter_used is not None and k is not None:
+        # An explicit --k the adapter cannot draft would leave only the baselines to time: refuse it now.
+        adapter_k = read_adapter_config(resolve_adapter(adapter_used, model)).k
+        beyond = [x for x in ks if x > adapter_k]
+        if beyond:
+            raise UsageError(f"--k {', '.join(map(str, beyond))}: adapter {adapter_used} drafts at most "
+                             f"k = {adapter_k}; pass --k values up to {adapter_k}, or leave --k out")
     for note in notes:
         console.print(f"[yellow]note:[/yellow] {note}")
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    with console.status(f"loading model {model!r} ({device}, {str(torch_dtype).replace('torch.', '')})"):
+    with PromptProgress("bench", len(prompts)) as progress:
+        progress.stage(f"loading model {model!r} ({device}, {str(torch_dtype).replace('torch.', '')})")
         mtp = MTPModel.from_pretrained(model, adapter=adapter_used, config=fresh_config, dtype=torch_dtype,
                                        device=device)
-    max_k = mtp.config.k if drafting else None
-    methods, skipped = build_methods(mode_list, ks, baseline_list, max_k)
-    if skipped:
-        notes.append(f"k = {', '.join(map(str, skipped))} skipped: the adapter drafts at most k = {mtp.config.k}.")
-        console.print(f"[yellow]note:[/yellow] {notes[-1]}")
+        max_k = mtp.config.k if drafting else None
+        methods, skipped = build_methods(mode_list, ks, baseline_list, max_k)
+        if skipped:
+            notes.append(f"k = {', '.join(map(str, skipped))} skipped: the adapter drafts at most "
+                         f"k = {mtp.config.k}.")
+            console.print(f"[yellow]note:[/yellow] {notes[-1]}")
 
-    settings = BenchSettings(max_new_tokens=max_new_tokens, temperature=temperature, repeats=repeats,
-                             prompt_lookup_tokens=prompt_lookup_tokens, seed=seed)
-    runner = BenchRunner(mtp, settings)
+        settings = BenchSettings(max_new_tokens=max_new_tokens, temperature=temperature, repeats=repeats,
+                                 prompt_lookup_tokens=prompt_lookup_tokens, seed=seed)
+        runner = BenchRunner(mtp, settings)
+        progress.stage(f"warm-up: {len(methods)} methods once each")
+        runner.warm_up(methods, prompts[0])
+        per_prompt = repeats * len(methods)
+        finished = [0]
+
+        def advance(record: Any) -> None:
+            # Records of one prompt come one after another (BenchRunner.run): its last one finishes it.
+            finished[0] += 1
+            if finished[0] % per_prompt == 0:
+                progress.done(f"{record.domain}/{record.prompt_id}")
+
+        progress.stage(f"timing {len(methods)} methods x {repeats} repeat(s) per prompt")
+        records = runner.run(prompts, methods, on_done=advance)
+
     config = {
         "model": model, "adapter": adapter_used if adapter_used is not None else
         ("none (untrained)" if drafting else None), "adapter_k": mtp.config.k if drafting else None,
@@ -136,18 +177,6 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
         "dtype": str(torch_dtype).replace("torch.", ""), "prompt_lookup_tokens": prompt_lookup_tokens,
         "seed": seed, "out": str(out), "notes": notes,
     }
-
-    total = len(prompts) * repeats * len(methods)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("warm-up", total=total)
-        runner.warm_up(methods, prompts[0])
-
-        def advance(record: Any) -> None:
-            progress.update(task, advance=1, description=f"{record.domain}/{record.prompt_id}")
-
-        records = runner.run(prompts, methods, on_done=advance)
-        progress.update(task, description="done")
 
     rows, mismatches = report.aggregate(records, greedy=temperature == 0)
     system = system_info(device, torch_dtype)
@@ -198,7 +227,8 @@ def register(app: typer.Typer) -> None:
                                              "question.jsonl). Default: the small built-in suite."),
         domains: Optional[str] = typer.Option(None, "--domains", help="Comma-separated domains to run."),
         n: Optional[int] = typer.Option(None, "--n", help="Prompts per domain (default: all)."),
-        k: str = typer.Option("1,2,4,8", "--k", help="Comma-separated numbers of drafts."),
+        k: Optional[str] = typer.Option(None, "--k", help="Comma-separated numbers of drafts, each at most the "
+                                        "adapter's k (default: 1,2,4,8, those the adapter drafts)."),
         modes: str = typer.Option("ar,linear,quadratic", "--modes", help="Comma-separated: ar, linear, "
                                                                          "quadratic."),
         baselines: str = typer.Option("hf,hf-prompt-lookup", "--baselines",
@@ -208,7 +238,7 @@ def register(app: typer.Typer) -> None:
         repeats: int = typer.Option(1, "--repeats", help="Timed runs per prompt and method (mean and spread)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
                                                                "bench-results/<timestamp>)."),
-        device: str = typer.Option("auto", "--device", help="cpu, cuda or auto."),
+        device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, mps or auto."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 or bf16 (default: bf16 on cuda, fp32 "
                                                                   "on cpu)."),
         prompt_lookup_tokens: int = typer.Option(10, "--prompt-lookup-tokens",
