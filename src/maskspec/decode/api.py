@@ -37,7 +37,7 @@ def prepare_input_ids(mtp: MTPModel, prompt: Prompt, chat_template: bool = True)
         if tok is None:
             raise MaskspecError("this model has no tokenizer: pass token ids instead of text")
         if isinstance(prompt, str) and not (chat_template and tok.chat_template):
-            ids = tok(prompt, return_tensors="pt").input_ids
+            ids = tok(check_text(prompt, "the prompt"), return_tensors="pt").input_ids
         else:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
             _check_messages(messages)
@@ -49,12 +49,25 @@ def prepare_input_ids(mtp: MTPModel, prompt: Prompt, chat_template: bool = True)
     return torch.tensor([list(prompt)], dtype=torch.long, device=mtp.device)
 
 
+def check_text(text: str, what: str) -> str:
+    """`text` if it is Unicode text a tokenizer can encode; lone UTF-16 surrogates (from JSON escapes, or bytes
+    that were not UTF-8 read with surrogateescape) are not. MaskspecError naming `what` otherwise."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MaskspecError(f"{what} is not valid Unicode text: a lone surrogate or a byte that is not UTF-8 at "
+                            f"character {exc.start}") from None
+    return text
+
+
 def _check_messages(messages: list[Any]) -> None:
     if not messages:
         raise MaskspecError("messages is empty: give at least one message")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise MaskspecError(f"message {i} must be an object with 'role' and 'content'")
+        if isinstance(m["content"], str):
+            check_text(m["content"], f"message {i}")
 
 
 def context_length(mtp: MTPModel) -> int:

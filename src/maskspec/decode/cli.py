@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from maskspec.decode.api import StreamChunk, generate, stream
+from maskspec.decode.api import StreamChunk, check_text, generate, stream
 from maskspec.decode.speculative import MODES, drafts_per_step
 from maskspec.decode.verify import SamplingConfig, check_seed
 from maskspec.errors import MaskspecError, UsageError
@@ -52,11 +52,12 @@ def check_sampling(temperature: float, top_p: float = 1.0, top_k: int = 0, seed:
 
 def read_line(prompt: str) -> str:
     """One line of interactive input. Bytes that are not UTF-8 are a one-line error: on a terminal the line is
-    skipped (the conversation goes on), from a pipe or file the command stops."""
+    skipped (the conversation goes on), from a pipe or file the command stops. (Python reads them either as an
+    error or, with surrogateescape, as lone surrogates: both count.)"""
     while True:
         try:
-            return input(prompt)
-        except UnicodeDecodeError:
+            return check_text(input(prompt), "standard input")
+        except (UnicodeDecodeError, MaskspecError):
             if not sys.stdin.isatty():
                 raise UsageError("standard input is not UTF-8 text") from None
             typer.secho("error: that line is not UTF-8 text; type it again", err=True, fg=typer.colors.RED)

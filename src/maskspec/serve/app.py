@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from maskspec.decode.api import context_length, prepare_input_ids
+from maskspec.decode.api import check_text, context_length, prepare_input_ids
 from maskspec.decode.verify import SamplingConfig, check_seed
 from maskspec.errors import MaskspecError, UsageError
 from maskspec.serve.scheduler import (Delta, Failure, Final, GenerationRequest, QueueFull, Scheduler,
@@ -156,11 +156,9 @@ def parse_params(body: dict) -> Params:
 def _check_text(text: str, param: str) -> str:
     """Text the tokenizer can encode: JSON may carry lone UTF-16 surrogates ("\\ud800"), which are not text."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ApiError(400, f"'{param}' holds a lone UTF-16 surrogate at character {exc.start}; send valid "
-                            "Unicode text", param, "invalid_value") from None
-    return text
+        return check_text(text, f"'{param}'")
+    except MaskspecError as exc:
+        raise ApiError(400, str(exc), param, "invalid_value") from None
 
 
 def _messages(body: dict) -> list[dict]:
