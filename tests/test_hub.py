@@ -52,7 +52,8 @@ def test_bad_model_argument_is_one_line(tmp_path):
                            str(tmp_path / "no-such-model"), "--mode", "ar"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: cannot load model")
+    assert proc.stderr.strip() == (f"error: model folder {tmp_path / 'no-such-model'} does not exist; pass a folder "
+                                   "that holds a Hugging Face model, a Hugging Face id, or 'default'")
 
 
 def test_cli_help_lists_commands():

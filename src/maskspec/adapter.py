@@ -1,8 +1,9 @@
 """Adapter folders: adapter_config.json + adapter.safetensors. Never pickle.
 
 Loading checks, in order, and fails with one line saying what is wrong and what to do: the folder and both files
-exist, the config is valid JSON of a supported format version, the weights file is a readable safetensors
-file, the base model matches (a fingerprint of its weights and the tensor shapes).
+exist, the config is valid JSON of a supported format version with every field of the right type and range
+(`read_adapter_config`), the weights file is a readable safetensors file, the base model matches (a fingerprint
+of its weights and the tensor shapes).
 
 The weights file may also hold `draft_vocab` (int64, 1-D): the token ids drafts are restricted to
 (`MTPModel.set_draft_vocab`). Adapters without it decode with the full vocabulary.
@@ -10,8 +11,10 @@ The weights file may also hold `draft_vocab` (int64, 1-D): the token ids drafts 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -150,16 +153,75 @@ def read_adapter_config(folder: str | Path) -> AdapterConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{folder / CONFIG_FILE} is not valid JSON ({exc}); re-save or re-train the adapter") \
             from None
+    except OSError as exc:
+        raise AdapterError(f"{folder / CONFIG_FILE} cannot be read ({exc.strerror})") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{folder / CONFIG_FILE} must hold a JSON object")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise AdapterError(f"adapter format version {version!r} is not supported (this maskspec reads version "
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise AdapterError(f"adapter format version {_json(version)} is not supported (this maskspec reads version "
                            f"{FORMAT_VERSION}); upgrade maskspec or re-train the adapter")
-    try:
-        return AdapterConfig(**{k: raw[k] for k in AdapterConfig.__dataclass_fields__ if k in raw})
-    except TypeError as exc:
-        raise AdapterError(f"{folder / CONFIG_FILE} is missing fields ({exc})") from None
+    missing = [name for name, f in AdapterConfig.__dataclass_fields__.items()
+               if name not in raw and f.default is dataclasses.MISSING]
+    if missing:
+        raise AdapterError(f"{folder / CONFIG_FILE} is missing field(s) {', '.join(map(repr, missing))}; it is not "
+                           "a complete maskspec adapter config (re-save or re-train the adapter)")
+    values = {name: raw[name] for name in AdapterConfig.__dataclass_fields__ if name in raw}
+    problem = _config_problem(values)
+    if problem is not None:
+        field_name, what, value = problem
+        raise AdapterError(f"{folder / CONFIG_FILE}: field {field_name!r} {what}, got {_json(value)}; fix the file "
+                           "or re-train the adapter")
+    values["alpha"] = float(values["alpha"])
+    values["dropout"] = float(values["dropout"])
+    return AdapterConfig(**values)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _json(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _config_problem(values: dict[str, Any]) -> tuple[str, str, Any] | None:
+    """The first field of an adapter config whose JSON value has the wrong type or range: its name, what it must
+    be, and the value found."""
+    for name in ("k", "rank", "hidden_size"):
+        if not _is_int(values[name]) or values[name] < 1:
+            return name, "must be an integer >= 1", values[name]
+    if not _is_number(values["alpha"]):
+        return "alpha", "must be a finite number", values["alpha"]
+    if not _is_number(values["dropout"]) or not 0 <= values["dropout"] < 1:
+        return "dropout", "must be a number in [0, 1)", values["dropout"]
+    modules = values["target_modules"]
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
+        return "target_modules", "must be a non-empty list of module names (strings)", modules
+    shape = values["sampler_shape"]
+    if not isinstance(shape, list) or len(shape) != 3 or not all(_is_int(n) and n >= 1 for n in shape):
+        return "sampler_shape", "must be a list of 3 integers >= 1", shape
+    for name in ("base_model", "base_fingerprint", "dtype", "maskspec_version"):
+        if not isinstance(values[name], str):
+            return name, "must be a string", values[name]
+    if values.get("training") is not None and not isinstance(values["training"], dict):
+        return "training", "must be an object or null", values["training"]
+    decoding = values.get("decoding")
+    if decoding is None:
+        return None
+    if not isinstance(decoding, dict):
+        return "decoding", 'must be an object of device types, e.g. {"cpu": {"k": 2}}, or null', decoding
+    for device, entry in decoding.items():
+        if not isinstance(entry, dict):
+            return f"decoding.{device}", 'must be an object, e.g. {"k": 2}', entry
+        if "k" in entry and (not _is_int(entry["k"]) or not 1 <= entry["k"] <= values["k"]):
+            return f"decoding.{device}.k", f"must be an integer from 1 to the adapter's k ({values['k']})", entry["k"]
+    return None
 
 
 def load_adapter(mtp: "MTPModel", folder: str | Path, check_fingerprint: bool = True) -> AdapterConfig:

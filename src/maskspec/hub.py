@@ -4,6 +4,10 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 load de-quantises it (~15-20 s) and writes a float safetensors copy plus the tokenizer into the cache folder;
 later loads read that copy. The copy is written to a temporary folder and renamed into place, so an
 interrupted first load never leaves a half-written cache that later loads would trust.
+
+A Hugging Face id already in the Hugging Face cache loads from it without touching the network. One that is not
+is fetched only after a single quick connection to the hub (or its proxy) succeeds: without network,
+huggingface_hub would retry for about 30 s before failing, so the load fails at once instead, naming the fix.
 """
 
 from __future__ import annotations
@@ -11,10 +15,19 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, StrictDataclassError
+from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -133,26 +146,188 @@ def resolve_model_path(model: str | None) -> str:
     return str(model)
 
 
+_LOCAL_PREFIXES = ("/", "./", "../", "~", ".\\", "..\\")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+# Raised by transformers for broken model folders (bad config values, unreadable weights, size mismatches) and
+# for models that need a package not installed here.
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError, SafetensorError,
+                StrictDataclassError)
+HUB_PROBE_TIMEOUT_S = 2.0
+
+
+def looks_local(model: str) -> bool:
+    """True for an argument written as a path (`/x`, `./x`, `../x`, `~/x`, `.`), whatever exists there."""
+    return model in (".", "..") or model.startswith(_LOCAL_PREFIXES) or os.path.isabs(model)
+
+
+def check_model_folder(model: str) -> Path:
+    """The folder `model` names, if it can hold a Hugging Face model (it has a config.json); ModelLoadError saying
+    what is missing if not."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model folder {model} does not exist; pass a folder that holds a Hugging Face model, "
+                             "a Hugging Face id, or 'default'")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {model} is a file, not a folder; pass the folder that holds its "
+                             "config.json, weights and tokenizer")
+    if not (path / "config.json").is_file():
+        try:
+            empty = not any(path.iterdir())
+        except OSError as exc:
+            raise ModelLoadError(f"model folder {model} cannot be read ({exc.strerror})") from None
+        raise ModelLoadError(f"model folder {model} {'is empty' if empty else 'has no config.json'}; a Hugging Face "
+                             "model folder holds config.json, the weights and the tokenizer (write one with "
+                             "save_pretrained, or `hf download ID --local-dir FOLDER`)")
+    return path
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, as set now or when huggingface_hub was imported."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in _TRUE or hf_constants.HF_HUB_OFFLINE
+
+
+def hub_endpoint() -> str:
+    """The hub huggingface_hub will contact: HF_ENDPOINT as it was when huggingface_hub was imported."""
+    return hf_constants.ENDPOINT
+
+
+def hub_reachable(endpoint: str | None = None, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One TCP connection to the hub, or to the proxy that requests to it would go through. Runs in a daemon
+    thread: a DNS lookup has no timeout of its own and may hang for much longer than `timeout`."""
+    url = urllib.parse.urlsplit(endpoint or hub_endpoint())
+    if not url.hostname:
+        return False
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(host):
+        parsed = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if parsed.hostname:
+            host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    reached: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            reached.append(False)
+
+    thread = threading.Thread(target=attempt, name="maskspec-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(reached and reached[0])
+
+
+def _download_hint(model: str) -> str:
+    return (f"download it where there is network (`hf download {model}`, or `huggingface-cli download {model}` "
+            f"with an older huggingface_hub) into the Hugging Face cache ({hf_constants.HF_HUB_CACHE}) and run with "
+            "HF_HUB_OFFLINE=1, or pass a local model folder, or 'default'")
+
+
+def _hub_unavailable(model: str, what: str) -> ModelLoadError:
+    if hub_offline():
+        return ModelLoadError(f"model {model!r} is {what} and HF_HUB_OFFLINE is set; {_download_hint(model)}")
+    host = urllib.parse.urlsplit(hub_endpoint()).netloc or hub_endpoint()
+    return ModelLoadError(f"model {model!r} is {what} and {host} cannot be reached (no network?); "
+                          f"{_download_hint(model)}")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if text.endswith(":") and len(lines) > 1:  # "Validation error for field 'x':" says what only on the next line
+        text = f"{text} {lines[1]}"
+    return f"{type(exc).__name__}: {text}" if isinstance(exc, KeyError) or not text else text
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    names = [p.name for p in folder.iterdir()]
+    return any(n.startswith(("tokenizer", "vocab", "spiece", "tekken")) or n.endswith((".model", "merges.txt"))
+               for n in names)
+
+
+def _load(path: str, model: str, torch_dtype: torch.dtype, attn_implementation: str,
+          local_files_only: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation,
+                                                  local_files_only=local_files_only)
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(f"cannot load model {model!r}: {_first_line(exc)}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+    except _LOAD_ERRORS as exc:
+        if Path(path).is_dir() and not _has_tokenizer_files(Path(path)):
+            raise ModelLoadError(f"model folder {model} has no tokenizer files (tokenizer.json, "
+                                 "tokenizer_config.json, ...); save the tokenizer into it with its save_pretrained"
+                                 ) from exc
+        raise ModelLoadError(f"cannot load the tokenizer of model {model!r}: {_first_line(exc)}") from exc
+    return lm, tokenizer
+
+
+def _load_from_hub(model: str, torch_dtype: torch.dtype,
+                   attn_implementation: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A Hugging Face id: from the cache without network when it is there; otherwise from the hub, but only after
+    one quick check that the hub can be reached (huggingface_hub would retry for about 30 s before failing)."""
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise ModelLoadError(f"model {model!r} is neither an existing folder nor a Hugging Face id (name or "
+                             "namespace/name); pass a local model folder, a Hugging Face id, or 'default'") from None
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        try:
+            return _load(model, model, torch_dtype, attn_implementation, local_files_only=True)
+        except ModelLoadError as exc:
+            if not isinstance(exc.__cause__, OSError):  # a broken file, not one missing from the cache
+                raise
+            what = f"only partly in the Hugging Face cache ({_first_line(exc.__cause__)})"
+    else:
+        what = "not in the Hugging Face cache"
+    if hub_offline() or not hub_reachable():
+        raise _hub_unavailable(model, what)
+    try:
+        return _load(model, model, torch_dtype, attn_implementation, local_files_only=False)
+    except ModelLoadError as exc:
+        if not _caused_by(exc, RepositoryNotFoundError):
+            raise
+        raise ModelLoadError(f"{exc}; check the id (a private or gated model also needs `hf auth login` or "
+                             "HF_TOKEN), or pass a local model folder, or 'default'") from exc.__cause__
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def load_model_and_tokenizer(
     model: str | None = None,
     dtype: str | torch.dtype | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
     attn_implementation: str = "sdpa",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from an id, a folder, or `default` (the embedded model)."""
-    path = resolve_model_path(model)
+    """Load a causal LM and its tokenizer from an id, a folder, or `default` (the embedded model). Every problem
+    with the argument (a missing or incomplete folder, an id that is neither cached nor reachable, a broken
+    file, a device that is not there) is a ModelLoadError or UsageError with one line."""
+    device = resolve_device(device)
     torch_dtype = parse_dtype(dtype)
     hf_logging.disable_progress_bar()  # a sub-second bar per load is noise in a CLI
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
-        raise ModelLoadError(
-            f"cannot load model {model!r}: {str(exc).splitlines()[0]} "
-            "(pass a local folder, a Hugging Face id available offline, or 'default')"
-        ) from exc
+    name = DEFAULT_MODEL if model is None else str(model)
     if is_default_model(model):
+        lm, tokenizer = _load(str(embedded_model_path()), name, torch_dtype, attn_implementation,
+                              local_files_only=True)
         lm.config.name_or_path = DEFAULT_MODEL_NAME
+    elif looks_local(name) or os.path.exists(name):
+        path = str(check_model_folder(name))
+        lm, tokenizer = _load(path, name, torch_dtype, attn_implementation, local_files_only=True)
+    else:
+        lm, tokenizer = _load_from_hub(name, torch_dtype, attn_implementation)
     lm.to(device)
     lm.eval()
     return lm, tokenizer
