@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from maskspec.errors import MaskspecError
+from maskspec.messages import validate_messages
 
 BUILTIN_SUITE = Path(__file__).with_name("suite.jsonl")
 
@@ -36,18 +37,6 @@ def _fail(path: Path, line_no: int, why: str) -> MaskspecError:
     return MaskspecError(f"{path}:{line_no}: {why}")
 
 
-def _parse_messages(raw: Any, path: Path, line_no: int) -> list[dict[str, str]]:
-    if not isinstance(raw, list) or not raw:
-        raise _fail(path, line_no, "'messages' must be a non-empty list of {\"role\", \"content\"} objects")
-    messages = []
-    for i, message in enumerate(raw):
-        if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
-                or not isinstance(message.get("content"), str)):
-            raise _fail(path, line_no, f"message {i} must be an object with string 'role' and 'content'")
-        messages.append({"role": message["role"], "content": message["content"]})
-    return messages
-
-
 def parse_suite_line(record: Any, path: Path, line_no: int) -> BenchPrompt:
     """One decoded JSON line of either supported format -> BenchPrompt (MaskspecError naming file:line)."""
     if not isinstance(record, dict):
@@ -56,7 +45,7 @@ def parse_suite_line(record: Any, path: Path, line_no: int) -> BenchPrompt:
         domain = record.get("domain")
         if not isinstance(domain, str) or not domain:
             raise _fail(path, line_no, "missing or empty 'domain' (a string such as \"math\")")
-        messages = _parse_messages(record["messages"], path, line_no)
+        messages = validate_messages(record["messages"], where=f"{path}:{line_no}")
         prompt_id = record.get("id", f"{path.stem}-{line_no}")
     elif "turns" in record:  # Spec-Bench question.jsonl
         domain = record.get("category")

@@ -18,8 +18,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from maskspec.errors import MaskspecError
+from maskspec.messages import MessagesError, validate_messages
 
-ROLES = ("system", "user", "assistant", "tool", "developer")
 LOCAL_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
 
 
@@ -74,19 +74,11 @@ def iter_jsonl(path: str | Path, *, allow_partial_last: bool = False) -> Iterato
 
 
 def check_messages(messages: Any, where: str, *, need_assistant: bool = True) -> list[dict[str, str]]:
-    """Validate a chat: a non-empty list of {"role", "content": str}; raise DataError naming `where`."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: message {i} must be an object with string 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: message {i} has unknown role {m['role']!r} (expected one of {ROLES})")
-        out.append({"role": m["role"], "content": m["content"]})
-    if need_assistant and not any(m["role"] == "assistant" for m in out):
-        raise DataError(f"{where}: no assistant message to train on (run `maskspec distill` to add responses)")
-    return out
+    """`maskspec.messages.validate_messages` for a training or distillation record; DataError naming `where`."""
+    try:
+        return validate_messages(messages, where=where, need_assistant=need_assistant)
+    except MessagesError as exc:
+        raise DataError(str(exc)) from None
 
 
 def load_chat_records(source: str | Path, *, split: str = "train", config_name: str | None = None,
