@@ -11,7 +11,9 @@ from maskspec.adapter import load_adapter
 from maskspec.model.layout import IGNORE_INDEX
 from maskspec.train.data import make_batch
 from maskspec.train.losses import LossWeights, compute_losses, row_counts
-from maskspec.train.trainer import TrainConfig, TrainError, list_checkpoints, train
+from maskspec.train.checkpoints import list_checkpoints
+from maskspec.train.config import TrainConfig, TrainError
+from maskspec.train.trainer import train
 
 from train_helpers import single_thread, synthetic_examples, tiny_mtp
 
@@ -222,21 +224,21 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 
 def test_interrupted_checkpoint_save_keeps_last_good(tmp_path, monkeypatch):
-    import maskspec.train.trainer as trainer
+    import maskspec.train.checkpoints as checkpoints
 
     exs = synthetic_examples(4)
     out = tmp_path / "ck"
     real_save = torch.save
 
     def failing_save(obj, path, *a, **kw):
-        if "step-00000004" in str(path) and str(path).endswith(trainer.STATE_FILE):
+        if "step-00000004" in str(path) and str(path).endswith(checkpoints.STATE_FILE):
             raise KeyboardInterrupt  # stands for a kill in the middle of writing checkpoint 4
         return real_save(obj, path, *a, **kw)
 
-    monkeypatch.setattr(trainer.torch, "save", failing_save)
+    monkeypatch.setattr(checkpoints.torch, "save", failing_save)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(out, steps=6, save_every=2), mtp=tiny_mtp(), examples=exs)
-    monkeypatch.setattr(trainer.torch, "save", real_save)
+    monkeypatch.setattr(checkpoints.torch, "save", real_save)
     assert [s for s, _ in list_checkpoints(out)] == [2]
     resumed = train(_cfg(out, steps=6, save_every=2, resume=True), mtp=tiny_mtp(), examples=exs)
     assert resumed.start_step == 2 and resumed.history[-1]["step"] == 6

@@ -103,7 +103,8 @@ def register(app: typer.Typer) -> None:
                                         "most frequent answer tokens of the data (0: drafts use the full "
                                         "vocabulary)."),
     ) -> None:
-        from maskspec.train.trainer import TrainConfig, train
+        from maskspec.train.config import TrainConfig
+        from maskspec.train.trainer import train
 
         cfg = TrainConfig(out=str(out), model=model, data=data, data_split=data_split, data_config=data_config, k=k,
                           rank=rank, alpha=alpha, dropout=dropout, lr=lr, weight_decay=weight_decay, steps=steps,

@@ -1,0 +1,48 @@
+"""Held-out examples and the evaluation of mask predictions on them."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from maskspec.train.data import Example, make_batch
+from maskspec.train.distributed import all_reduce_sum_
+from maskspec.train.losses import mask_accuracy
+
+
+def split_eval(examples: list[Example], eval_size: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out up to `eval_size` examples (never more than a tenth of the data) for evaluation."""
+    size = min(eval_size, len(examples) // 10)
+    if size <= 0:
+        return examples, []
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 99991)).tolist()
+    held = set(order[:size])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+@torch.no_grad()
+def evaluate(mtp, examples: Sequence[Example], batch_size: int, *, bf16: bool = False,
+             device: torch.device | str = "cpu", rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """Per-offset top-1 accuracy of mask predictions on `examples` (every block), for the base head and the
+    sampler (fed the true previous token). Shards the examples over processes and sums the counts."""
+    k = mtp.k
+    was_training = mtp.training
+    mtp.eval()
+    counts = torch.zeros(3, k, dtype=torch.float64)
+    mine = list(examples)[rank::world]
+    device = torch.device(device)
+    for s in range(0, len(mine), batch_size):
+        batch = make_batch(mine[s:s + batch_size], k).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            hidden = mtp.forward_rows(batch.token_ids, batch.mask_slot, batch.position_ids, batch.attention,
+                                      batch.key_positions).hidden
+            acc = mask_accuracy(mtp, hidden, batch, k)
+        counts += torch.stack([acc["total"], acc["base"], acc["sampler"]]).double()
+    counts = all_reduce_sum_(counts.to(device)).cpu()
+    mtp.train(was_training)
+    total = counts[0].clamp(min=1)
+    return {"acc_base": (counts[1] / total).tolist(), "acc_sampler": (counts[2] / total).tolist(),
+            "acc_base_mean": float(counts[1].sum() / total.sum()) if counts[0].sum() else 0.0,
+            "acc_sampler_mean": float(counts[2].sum() / total.sum()) if counts[0].sum() else 0.0,
+            "targets": int(counts[0].sum())}
