@@ -1,44 +1,29 @@
-"""Batched decoding equals single-sequence decoding: greedy token for token (float64 tiny models), with ragged
-acceptance, prompts of different lengths, sequences finishing at different times and joining mid-way."""
-
-import random
+"""Many sequences in one batch equal each sequence decoded alone (a batch of one): greedy token for token
+(float64 tiny models), with ragged acceptance, prompts of different lengths, sequences finishing at different
+times and joining mid-way, and seeded sampling."""
 
 import pytest
-import torch
 
-from maskspec.decode.batched import BatchedDecoder
-from maskspec.decode.speculative import DraftProposal, SpeculativeDecoder
-from maskspec.decode.types import GenerationStats
+from conftest import OracleDrafter, decode_alone, make_prompts, make_tiny_mtp
+from maskspec.decode.decoder import Decoder
 from maskspec.decode.verify import SamplingConfig
-from maskspec.model.mtp import MTPConfig, MTPModel, randomize_adapter_
-from maskspec.testing import tiny_model
 
 MAX_NEW = 16
 
 
 def _mtp(arch, k=4, seed=0):
-    model = tiny_model(arch, dtype=torch.float64, seed=seed)
-    return randomize_adapter_(MTPModel(model, config=MTPConfig(k=k, rank=4)), seed=seed + 1)
+    return make_tiny_mtp(arch, k=k, seed=seed)
 
 
 def _prompts(n, seed):
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 128) for _ in range(rng.randint(1, 14))] for _ in range(n)]
+    return make_prompts(n, seed, max_len=14)
 
 
-def _single(mtp, prompt, mode, k, max_new, sampling=None, seed=None, propose=None, eos=None):
-    """The single-sequence decoder, stopped at EOS like the batched one."""
-    decoder = SpeculativeDecoder(mtp, mode=mode, k=k, sampling=sampling, seed=seed)
-    if propose is not None:
-        decoder.propose = propose(decoder)
-    stats = GenerationStats()
-    tokens = []
-    for chunk in decoder.run(prompt, max_new, stats):
-        hit = next((i for i, t in enumerate(chunk) if t in (mtp.eos_token_ids if eos is None else eos)), None)
-        tokens.extend(chunk if hit is None else chunk[:hit + 1])
-        if hit is not None:
-            break
-    return tokens[:max_new], stats
+def _single(mtp, prompt, mode, k, max_new, sampling=None, seed=None, drafter=None, eos=None, tag=0):
+    """The sequence decoded alone: (its tokens, its stats)."""
+    seq, _ = decode_alone(mtp, prompt, mode, k, max_new, drafter=drafter, sampling=sampling, seed=seed, eos=eos,
+                          tag=tag)
+    return seq.output, seq.stats
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma3"])
@@ -50,7 +35,7 @@ def test_batched_greedy_equals_single(arch):
     joins = [0, 0, 0, 2, 2, 3, 7, 8]
     for mode in ("quadratic", "linear", "ar"):
         refs = [_single(mtp, p, mode, 4, n) for p, n in zip(prompts, budgets)]
-        decoder = BatchedDecoder(mtp, mode=mode, k=4)
+        decoder = Decoder(mtp, mode=mode, k=4)
         seqs = decoder.generate([dict(prompt_ids=p, max_new_tokens=n) for p, n in zip(prompts, budgets)], joins)
         for seq, (tokens, stats) in zip(seqs, refs):
             assert seq.output == tokens, (arch, mode, seq.prompt_ids)
@@ -60,22 +45,6 @@ def test_batched_greedy_equals_single(arch):
         assert decoder.running == [] and decoder.cache is None
 
 
-class Oracle:
-    """Drafts = the true greedy continuation with some errors, so acceptance is long and ragged."""
-
-    def __init__(self, continuation, error_rate, seed):
-        self.continuation = continuation
-        self.error_rate = error_rate
-        self.rng = random.Random(seed)
-
-    def draft(self, done, k):
-        tokens = []
-        for j in range(k):
-            true = self.continuation[done + j] if done + j < len(self.continuation) else 7
-            tokens.append(true if self.rng.random() > self.error_rate else (true + 1) % 128)
-        return DraftProposal(tokens)
-
-
 @pytest.mark.parametrize("mode", ["quadratic", "linear"])
 def test_batched_oracle_drafts_ragged_acceptance(mode):
     mtp = _mtp("llama", k=4)
@@ -83,15 +52,11 @@ def test_batched_oracle_drafts_ragged_acceptance(mode):
     # Greedy references (ar decoding is plain greedy).
     refs = [_single(mtp, p, "ar", 4, 30)[0] for p in prompts]
     # The same oracle stream for single and batched decoding: the error pattern depends on the seed only.
-    single = []
-    for i, p in enumerate(prompts):
-        def make(decoder, i=i):
-            oracle = Oracle(refs[i] + [5, 6, 7, 8] * 4, 0.15, seed=i)
-            return lambda m, latents, prev, cfg, gen: oracle.draft(len(decoder.generated), latents.shape[0])
-        single.append(_single(mtp, p, mode, 4, 30, propose=make))
-    oracles = [Oracle(refs[i] + [5, 6, 7, 8] * 4, 0.15, seed=i) for i in range(len(prompts))]
-    decoder = BatchedDecoder(mtp, mode=mode, k=4)
-    decoder.propose = lambda seq, latents, prev: oracles[seq.tag].draft(len(seq.output), latents.shape[0])
+    continuations = {i: refs[i] + [5, 6, 7, 8] * 4 for i in range(len(prompts))}
+    single = [_single(mtp, p, mode, 4, 30, drafter=OracleDrafter(continuations, 0.15, seeds={i: i}), tag=i)
+              for i, p in enumerate(prompts)]
+    decoder = Decoder(mtp, mode=mode, k=4,
+                      drafter=OracleDrafter(continuations, 0.15, seeds={i: i for i in range(len(prompts))}))
     seqs = decoder.generate([dict(prompt_ids=p, max_new_tokens=30, tag=i) for i, p in enumerate(prompts)],
                             [0, 0, 1, 1, 4, 6])
     accepted_counts = set()
@@ -111,7 +76,7 @@ def test_batched_sampling_matches_single_with_seed():
     for mode in ("quadratic", "linear"):
         refs = [_single(mtp, p, mode, 3, 12, sampling=c, seed=100 + i)[0]
                 for i, (p, c) in enumerate(zip(prompts, configs))]
-        decoder = BatchedDecoder(mtp, mode=mode, k=3)
+        decoder = Decoder(mtp, mode=mode, k=3)
         seqs = decoder.generate([dict(prompt_ids=p, max_new_tokens=12, sampling=c, seed=100 + i)
                                  for i, (p, c) in enumerate(zip(prompts, configs))], [0, 1, 1, 2, 5])
         assert [s.output for s in seqs] == refs
@@ -120,7 +85,7 @@ def test_batched_sampling_matches_single_with_seed():
 def test_cancel_and_eos():
     mtp = _mtp("llama")
     prompts = _prompts(4, seed=5)
-    decoder = BatchedDecoder(mtp, mode="quadratic")
+    decoder = Decoder(mtp, mode="quadratic")
     seqs = [decoder.add(p, 20, eos_token_ids=[]) for p in prompts]
     decoder.step()
     decoder.step()

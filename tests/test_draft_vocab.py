@@ -13,11 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from maskspec.adapter import load_adapter, read_adapter_config
-from maskspec.decode import speculative
+from maskspec.decode import drafters
 from maskspec.decode.api import generate
-from maskspec.decode.batched import BatchedDecoder
-from maskspec.decode.speculative import SpeculativeDecoder, propose_drafts
-from maskspec.decode.types import GenerationStats
+from maskspec.decode.decoder import Decoder
 from maskspec.decode.verify import SamplingConfig
 from maskspec.errors import AdapterError, MaskspecError
 from maskspec.model.mtp import MTPConfig, MTPModel, randomize_adapter_
@@ -25,6 +23,7 @@ from maskspec.testing import tiny_model
 from maskspec.train.data import Example
 from maskspec.train.draft_vocab import choose_draft_vocab, count_target_tokens
 
+from conftest import decode_alone
 from test_decode import _exact_two_token_distribution, _p_value, _sampling_mtp
 from train_helpers import single_thread, tiny_chat_model_folder
 
@@ -115,25 +114,25 @@ def test_greedy_with_draft_vocab_equals_hf_greedy(arch):
 
 
 class Recorder:
-    """Wraps the decoder's drafter: records every proposal with the context the decoder had at that moment."""
+    """Wraps the sampler chain: records every proposal with the context its sequence had at that moment."""
 
-    def __init__(self, decoder, prompt):
-        self.decoder, self.prompt, self.inner = decoder, prompt, decoder.propose
+    def __init__(self, mtp):
+        self.inner = drafters.SamplerChain(mtp)
         self.records = []
 
-    def __call__(self, *args):
-        proposal = self.inner(*args)
-        self.records.append((set(self.prompt) | set(self.decoder.generated), proposal.tokens))
-        return proposal
+    def propose(self, requests):
+        proposals = self.inner.propose(requests)
+        for request, proposal in zip(requests, proposals):
+            seq = request.sequence
+            self.records.append((set(seq.prompt_ids) | set(seq.output), proposal.tokens))
+        return proposals
 
 
 def _recorded_drafts(mtp, prompts, sampling=None):
     records = []
     for i, p in enumerate(prompts):
-        decoder = SpeculativeDecoder(mtp, mode="quadratic", k=4, sampling=sampling, seed=i)
-        decoder.propose = recorder = Recorder(decoder, p)
-        for _ in decoder.run(p, MAX_NEW, GenerationStats()):
-            pass
+        recorder = Recorder(mtp)
+        decode_alone(mtp, p, "quadratic", 4, MAX_NEW, drafter=recorder, sampling=sampling, seed=i, eos=[])
         records += recorder.records
     return records
 
@@ -185,7 +184,7 @@ def test_sampling_test_detects_a_draft_distribution_that_ignores_the_restriction
     prompt = torch.tensor([[4, 4]])
     cfg = SamplingConfig(temperature=1.0)
     exact = _exact_two_token_distribution(mtp.model, prompt, cfg)
-    real_pick = speculative.pick_draft
+    real_pick = drafters.pick_draft
 
     def wrong_q(logits, ids, cfg, generator, vocab_size):
         token, probs = real_pick(logits, ids, cfg, generator, vocab_size)
@@ -193,7 +192,7 @@ def test_sampling_test_detects_a_draft_distribution_that_ignores_the_restriction
             probs = torch.full_like(probs, 1.0 / vocab_size)  # not the distribution the draft came from
         return token, probs
 
-    monkeypatch.setattr(speculative, "pick_draft", wrong_q)
+    monkeypatch.setattr(drafters, "pick_draft", wrong_q)
     assert _p_value(_counts(mtp, prompt, cfg), exact) < 1e-6
 
 
@@ -208,11 +207,9 @@ def test_batched_equals_single_with_draft_vocab():
     for mode in ("quadratic", "linear"):
         single = []
         for i, (p, c) in enumerate(zip(prompts, configs)):
-            decoder = SpeculativeDecoder(mtp, mode=mode, k=3, sampling=c, seed=100 + i)
-            stats = GenerationStats()
-            tokens = [t for chunk in decoder.run(p, MAX_NEW, stats) for t in chunk][:MAX_NEW]
-            single.append((tokens, stats.accepted_histogram))
-        decoder = BatchedDecoder(mtp, mode=mode, k=3)
+            seq, _ = decode_alone(mtp, p, mode, 3, MAX_NEW, sampling=c, seed=100 + i, eos=[])
+            single.append((seq.output, seq.stats.accepted_histogram))
+        decoder = Decoder(mtp, mode=mode, k=3)
         seqs = decoder.generate([dict(prompt_ids=p, max_new_tokens=MAX_NEW, sampling=c, seed=100 + i,
                                       eos_token_ids=[]) for i, (p, c) in enumerate(zip(prompts, configs))], joins)
         assert [(s.output, s.stats.accepted_histogram) for s in seqs] == single, mode
@@ -226,7 +223,7 @@ def test_batched_drafts_use_each_sequences_own_context(monkeypatch):
     vocab = set(_small_vocab(seed=1))
     mtp.set_draft_vocab(sorted(vocab))
     prompts = _prompts(6, seed=2)
-    decoder = BatchedDecoder(mtp, mode="quadratic", k=4)
+    decoder = Decoder(mtp, mode="quadratic", k=4)
     checked = []
     real = decoder._propose
 

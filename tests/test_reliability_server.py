@@ -34,11 +34,11 @@ def server(served_files):
     scheduler.stop()
 
 
-def _wait_for(condition, what, timeout=30.0):
+def _wait_for(condition, what, timeout=30.0, state=None):
     deadline = time.time() + timeout
     while not condition():
         if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}" + (f": {state()}" if state else ""))
         time.sleep(0.01)
 
 
@@ -297,7 +297,8 @@ def test_a_client_that_leaves_is_cancelled_within_a_second(server, slow_steps, s
     sequence = scheduler.active[0].sequence
     sock.close()
     left = time.monotonic()
-    _wait_for(lambda: not scheduler.active and not slow_steps.running, "the request to be cancelled", timeout=10)
+    _wait_for(lambda: not scheduler.active and not slow_steps.running, "the request to be cancelled", timeout=10,
+              state=lambda: (scheduler.active, slow_steps.running, sequence.finish_reason, len(sequence.output)))
     assert time.monotonic() - left < 1.5
     assert scheduler.metrics.finished.get("cancelled") == cancelled + 1
     assert sequence.finish_reason == "cancelled" and len(sequence.output) < LIMIT

@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from maskspec.bench.suites import BenchPrompt
+from maskspec.decode.steps import DRAFT_MODES, MODES  # noqa: F401  (the bench's modes are the decoder's)
+from maskspec.decode.stopping import cut_at_eos
 from maskspec.errors import MaskspecError
 
 HF = "hf"
@@ -28,8 +30,6 @@ HF_PROMPT_LOOKUP = "hf-prompt-lookup"
 AR = "ar"
 MASKSPEC = "maskspec"
 BASELINES = (HF, HF_PROMPT_LOOKUP)
-DRAFT_MODES = ("quadratic", "linear")
-MODES = ("ar",) + DRAFT_MODES
 
 
 @dataclass(frozen=True)
@@ -111,11 +111,7 @@ def build_methods(modes: Iterable[str], ks: Iterable[int], baselines: Iterable[s
 
 def truncate_at_eos(ids: list[int], eos_ids: Iterable[int]) -> list[int]:
     """The tokens up to and including the first end-of-sequence token (HF generate keeps the EOS)."""
-    eos = set(eos_ids)
-    for i, t in enumerate(ids):
-        if t in eos:
-            return ids[: i + 1]
-    return list(ids)
+    return cut_at_eos(ids, eos_ids)[0]
 
 
 class _PassCounter:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
-from maskspec.decode.speculative import SpeculativeDecoder
+from maskspec.decode.decoder import Decoder, DecodingSequence
+from maskspec.decode.stopping import context_length  # noqa: F401  (the server imports it from here for now)
 from maskspec.decode.types import GenerationOutput, GenerationStats
 from maskspec.decode.verify import SamplingConfig
-from maskspec.errors import MaskspecError, PromptTooLongError
-from maskspec.model.mtp import MTPModel
+from maskspec.errors import MaskspecError
+
+if TYPE_CHECKING:
+    from maskspec.model.mtp import MTPModel
 
 Prompt = str | Sequence[dict] | Sequence[int] | torch.Tensor
 
@@ -70,116 +73,58 @@ def _check_messages(messages: list[Any]) -> None:
             check_text(m["content"], f"message {i}")
 
 
-def context_length(mtp: MTPModel) -> int:
-    cfg = mtp.model.config.get_text_config()
-    return int(getattr(cfg, "max_position_embeddings", None) or 1 << 30)
-
-
-def stream(mtp: MTPModel, prompt: Prompt, *, max_new_tokens: int = 256, mode: str = "quadratic",
-           k: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-           stop: Sequence[str] | None = None, seed: int | None = None,
-           eos_token_ids: Sequence[int] | None = None, chat_template: bool = True) -> Iterator[StreamChunk]:
-    """Yield verified tokens (and their text) as they are produced. The last chunk's stats are final."""
+def start(mtp: MTPModel, prompt: Prompt, *, max_new_tokens: int = 256, mode: str = "quadratic",
+          k: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+          stop: Sequence[str] | None = None, seed: int | None = None, eos_token_ids: Sequence[int] | None = None,
+          chat_template: bool = True) -> tuple[torch.Tensor, Decoder, DecodingSequence]:
+    """A decoder holding one sequence for `prompt`, ready to step: (the prompt's ids, the decoder, the sequence)."""
     if max_new_tokens < 0:
         raise MaskspecError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     ids = prepare_input_ids(mtp, prompt, chat_template)
-    prompt_ids = ids[0].tolist()
-    limit = context_length(mtp)
-    if len(prompt_ids) >= limit:
-        raise PromptTooLongError(f"the prompt has {len(prompt_ids)} tokens; the model's context length is {limit}")
-    budget = min(max_new_tokens, limit - len(prompt_ids))
-    eos = set(mtp.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    stops = [s for s in (stop or []) if s]
-    decoder = SpeculativeDecoder(mtp, mode=mode, k=k,
-                                 sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p),
-                                 seed=seed)
-    stats = GenerationStats()
-    text = TextTracker(mtp.tokenizer)
-    finish = "length" if budget == max_new_tokens else "context"
-    steps = decoder.run(prompt_ids, budget, stats)
+    decoder = Decoder(mtp, mode=mode, k=k)
+    seq = decoder.add(ids[0].tolist(), max_new_tokens, sampling=sampling, seed=seed, eos_token_ids=eos_token_ids,
+                      stop=list(stop or []))
+    return ids, decoder, seq
+
+
+def chunks(decoder: Decoder, seq: DecodingSequence) -> Iterator[StreamChunk]:
+    """Step `decoder` until `seq` finishes, yielding what each step adds. Closing the iterator early cancels the
+    sequence (finish reason "cancelled")."""
     try:
-        for chunk in steps:
-            chunk = chunk[:budget - len(text.token_ids)]
-            hit_eos = next((i for i, t in enumerate(chunk) if t in eos), None)
-            if hit_eos is not None:
-                chunk = chunk[:hit_eos + 1]  # keep the EOS token, like HF generate
-            delta, stop_hit = text.add(chunk, stops)
-            stats.new_tokens = len(text.token_ids)
-            if stop_hit or hit_eos is not None:
-                stats.finish_reason = "stop" if stop_hit else "eos"
-                if not stop_hit:
-                    delta += text.flush()
-                yield StreamChunk(chunk, delta, stats)
-                return
-            yield StreamChunk(chunk, delta, stats)
-        stats.finish_reason = finish
-        tail = text.flush()
-        if tail:
-            yield StreamChunk([], tail, stats)
+        with decoder.session():  # the weights stay fixed for the whole generation
+            while decoder.has_work():
+                for event in decoder.step():
+                    if event.tokens or event.text:
+                        yield StreamChunk(event.tokens, event.text, seq.stats)
     finally:
-        steps.close()
-        stats.new_tokens = len(text.token_ids)
-        stats.finish_reason = stats.finish_reason or finish
+        if not seq.finished:
+            decoder.cancel(seq)
+    if seq.error is not None:
+        raise MaskspecError(f"decoding failed: {seq.error}")
+
+
+def stream(mtp: MTPModel, prompt: Prompt, **kwargs: Any) -> Iterator[StreamChunk]:
+    """Yield verified tokens (and their text) as they are produced; the last chunk's stats are final.
+
+    kwargs: max_new_tokens, mode ("quadratic" | "linear" | "ar"), k, temperature, top_p, top_k, stop, seed,
+    eos_token_ids, chat_template (see `start`)."""
+    _, decoder, seq = start(mtp, prompt, **kwargs)
+    yield from chunks(decoder, seq)
 
 
 def generate(mtp: MTPModel, prompt: Prompt = None, *, streamer: Callable[[StreamChunk], None] | None = None,
              **kwargs: Any) -> GenerationOutput:
     """Generate from token ids, a string or chat messages. Greedy (temperature 0) output is identical to plain
-    greedy decoding of the base model; sampling has the base model's distribution.
-
-    kwargs: max_new_tokens, mode ("quadratic" | "linear" | "ar"), k, temperature, top_p, top_k, stop, seed,
-    eos_token_ids, chat_template."""
-    ids = prepare_input_ids(mtp, prompt, kwargs.get("chat_template", True))
+    greedy decoding of the base model; sampling has the base model's distribution. kwargs as for `stream`."""
+    ids, decoder, seq = start(mtp, prompt, **kwargs)
     tokens: list[int] = []
     text_parts: list[str] = []
-    stats = GenerationStats()
-    for chunk in stream(mtp, ids, **kwargs):
+    for chunk in chunks(decoder, seq):
         tokens.extend(chunk.token_ids)
         text_parts.append(chunk.text)
-        stats = chunk.stats
         if streamer is not None:
             streamer(chunk)
     sequences = torch.cat([ids, torch.tensor([tokens], dtype=torch.long, device=ids.device)], dim=1)
     text = "".join(text_parts) if mtp.tokenizer is not None else None
-    return GenerationOutput(sequences=sequences, new_token_ids=tokens, text=text, stats=stats)
-
-
-class TextTracker:
-    """Incremental detokenisation: text deltas that never split a multi-byte character, and stop strings cut
-    before they appear (the tokens that completed a stop string stay in `token_ids`)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.token_ids: list[int] = []
-        self.emitted = ""
-
-    def add(self, tokens: list[int], stops: list[str]) -> tuple[str, bool]:
-        self.token_ids.extend(tokens)
-        if self.tokenizer is None:
-            return "", False
-        full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        # Look for a stop string in the new text, including any that straddles the previous chunk's end.
-        cut = min((i for i in (full.find(s, max(0, len(self.emitted) - len(s) + 1)) for s in stops) if i >= 0),
-                  default=-1)
-        if cut >= 0:
-            delta = full[len(self.emitted):cut] if cut > len(self.emitted) else ""
-            self.emitted += delta
-            return delta, True
-        if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            return "", False
-        # Hold back a tail that could be the beginning of a stop string.
-        hold = max((len(s) - 1 for s in stops), default=0)
-        safe = len(full) - hold if hold else len(full)
-        if safe <= len(self.emitted):
-            return "", False
-        delta = full[len(self.emitted):safe]
-        self.emitted += delta
-        return delta, False
-
-    def flush(self) -> str:
-        if self.tokenizer is None:
-            return ""
-        full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        delta = full[len(self.emitted):]
-        self.emitted = full
-        return delta
+    return GenerationOutput(sequences=sequences, new_token_ids=tokens, text=text, stats=seq.stats)

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from maskspec.decode.api import StreamChunk, check_text, generate, stream
-from maskspec.decode.speculative import MODES, drafts_per_step
+from maskspec.decode.steps import MODES, resolve_k
 from maskspec.decode.verify import SamplingConfig, check_seed
 from maskspec.errors import MaskspecError, UsageError
 from maskspec.model.mtp import MTPModel
@@ -40,7 +40,7 @@ def load_for_cli(model: str, adapter: Optional[str], mode: str, dtype: str, devi
         if k > adapter_k:
             raise UsageError(f"--k must be in 1..{adapter_k} (the adapter's k), got {k}")
     mtp = MTPModel.from_pretrained(model, adapter=adapter, dtype=dtype, device=device)
-    drafts_per_step(mtp, mode, k)
+    resolve_k(mtp, mode, k)
     return mtp, mode
 
 
@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
             print(json.dumps({"text": out.text, "new_tokens": s.new_tokens, "forward_passes": s.forward_passes,
                               "tokens_per_pass": round(s.tokens_per_pass, 4), "seconds": round(s.seconds, 4),
                               "tokens_per_second": round(s.tokens_per_second, 2), "mode": mode,
-                              "k": drafts_per_step(mtp, mode, k) or None, "finish_reason": s.finish_reason,
+                              "k": resolve_k(mtp, mode, k) or None, "finish_reason": s.finish_reason,
                               "accepted_histogram": s.accepted_histogram}))
         else:
             sys.stdout.write("\n")

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from maskspec.decode.cli import check_mode
-from maskspec.decode.speculative import drafts_per_step
+from maskspec.decode.steps import resolve_k
 from maskspec.errors import MaskspecError
 
 
@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
             torch.set_num_threads(threads)
         sock = bind_socket(host, port)
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
-        drafts = drafts_per_step(mtp, mode, k)
+        drafts = resolve_k(mtp, mode, k)
         port = sock.getsockname()[1]
         if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
             typer.secho(f"warning: serving on {host} without --api-key: anyone who can reach it can use it",

@@ -1,8 +1,8 @@
 """The scheduler: one thread runs the batched decoder over the active requests (continuous batching).
 
 Requests wait in a bounded queue; between decoding passes the scheduler admits waiting requests up to
-`max_batch`, drops cancelled ones (clients that went away) and turns each step's tokens into text deltas
-(stop strings and EOS handled as in `maskspec.decode.api.stream`). Results go back to the asyncio handlers
+`max_batch`, drops cancelled ones (clients that went away) and hands each step's text deltas to the handlers
+(the decoder applies the stop rules: EOS, budget, stop strings). Results go back to the asyncio handlers
 through `loop.call_soon_threadsafe`.
 
 Nothing a request carries can stop the thread: a failure while admitting a request, or in a sequence's own part
@@ -19,10 +19,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-from maskspec.decode.api import TextTracker
-from maskspec.decode.batched import BatchedDecoder, BatchSequence
+
+from maskspec.decode.decoder import Decoder, DecodingSequence, StepEvent
+from maskspec.decode.stopping import openai_finish_reason
 from maskspec.decode.verify import SamplingConfig
 from maskspec.model.mtp import MTPModel
 from maskspec.serve.metrics import ServerMetrics
@@ -72,8 +72,7 @@ class GenerationRequest:
     queue: asyncio.Queue | None = None
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
-    sequence: BatchSequence | None = None
-    text: Any = None
+    sequence: DecodingSequence | None = None
     first_token_at: float | None = None
     checked_client: float = field(default_factory=time.monotonic)  # when the handler last asked about its client
 
@@ -96,7 +95,7 @@ class Scheduler:
         self.mtp = mtp
         self.mode = mode
         self.k = k
-        self.decoder = BatchedDecoder(mtp, mode=mode, k=k)
+        self.decoder = Decoder(mtp, mode=mode, k=k)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics or ServerMetrics()
@@ -194,7 +193,7 @@ class Scheduler:
             log.exception("decoding step failed")
             with self.cond:
                 failed, self.active = self.active, []
-                self.decoder = BatchedDecoder(self.mtp, mode=self.mode, k=self.k)
+                self.decoder = Decoder(self.mtp, mode=self.mode, k=self.k)
             for req in failed:
                 self.metrics.finished.inc(1, "error")
                 req.deliver(Failure(f"decoding failed: {type(exc).__name__}: {exc}"))
@@ -209,9 +208,8 @@ class Scheduler:
             if req.cancelled:
                 continue
             try:
-                req.text = TextTracker(self.mtp.tokenizer)
                 req.sequence = self.decoder.add(req.prompt_ids, req.max_new_tokens, sampling=req.sampling,
-                                                seed=req.seed, tag=req)
+                                                seed=req.seed, stop=req.stop, tag=req)
             except Exception as exc:  # this request alone cannot start
                 log.warning("request refused when admitted: %s: %s", type(exc).__name__, exc)
                 self.metrics.finished.inc(1, "error")
@@ -238,7 +236,7 @@ class Scheduler:
                     self.decoder.cancel(ev.sequence, "error")
                 self.metrics.finished.inc(1, "error")
                 final = Failure(f"decoding failed: {type(exc).__name__}: {exc}")
-            if ev.sequence.finished or req.cancelled:
+            if ev.sequence.finished:  # (a request cancelled meanwhile is dropped by the next round)
                 done.append(req)
                 if final is not None:
                     finals.append((req, final))
@@ -248,7 +246,7 @@ class Scheduler:
         for req, final in finals:  # after the slot is free, so a client that got its answer sees it free
             req.deliver(final)
 
-    def _handle(self, ev: Any, req: GenerationRequest, now: float) -> Final | Failure | None:
+    def _handle(self, ev: StepEvent, req: GenerationRequest, now: float) -> Final | Failure | None:
         """Deliver one sequence's new text; its Final (or Failure) once it has finished, else None."""
         seq = ev.sequence
         if req.cancelled:  # the client left during this step
@@ -262,21 +260,14 @@ class Scheduler:
         if ev.tokens and req.first_token_at is None:
             req.first_token_at = now
             self.metrics.first_token.observe(now - req.arrived)
-        delta, stop_hit = req.text.add(ev.tokens, req.stop)
-        if stop_hit and not seq.finished:
-            self.decoder.cancel(seq, "stop")
-        elif stop_hit:
-            seq.stats.finish_reason = "stop"
-        if seq.finished and not stop_hit:
-            delta += req.text.flush()
-        if delta or ev.tokens:
-            req.deliver(Delta(delta, list(ev.tokens)))
+        if ev.text or ev.tokens:
+            req.deliver(Delta(ev.text, list(ev.tokens)))
         return self._finish(req, now) if seq.finished else None
 
     def _finish(self, req: GenerationRequest, now: float) -> Final:
         s = req.sequence.stats
-        reason = {"eos": "stop", "stop": "stop"}.get(s.finish_reason, "length")
-        completion = len(req.text.token_ids)
+        reason = openai_finish_reason(s.finish_reason)
+        completion = len(req.sequence.output)
         m = self.metrics
         m.prompt_tokens.inc(len(req.prompt_ids))
         m.generated_tokens.inc(completion)

@@ -1,0 +1,73 @@
+"""KV-cache operations of the decoder, on one `DynamicCache` for a batch of sequences.
+
+Layout: (B, heads, P, d) per layer. Sequence b's valid entries are [0, len_b): its prompt and every output token
+but the newest; columns [len_b, P) are padding that every row of b masks out through the attention matrix. A step
+appends its rows at [P, P + R); `keep_verified` then moves each sequence's verified rows to follow its valid
+entries. A batch of one never has padding, so for it that is a crop (a view), not a gather.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+
+def crop(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` positions of every layer."""
+    excess = cache.get_seq_length() - length
+    if excess < 0:
+        raise ValueError(f"cannot crop a cache of {cache.get_seq_length()} entries to {length}")
+    if excess:
+        cache.crop(-excess)
+
+
+def keep_verified(cache: DynamicCache, old_lens: Sequence[int], physical: int, keep: Sequence[int]) -> DynamicCache:
+    """Keep, for sequence b, its old entries [0, old_lens[b]) and the step's first keep[b] rows (at `physical`..),
+    moved to be contiguous; the rest of each row is padding. Worked example, B = 2, physical 5, a step of 4 rows:
+    old_lens [5, 3], keep [2, 1] -> b0 keeps columns 0-4 and 5-6; b1 keeps 0-2 and 5, moved to 3; width 7."""
+    if all(old == physical for old in old_lens) and len(set(keep)) == 1:  # no padding, same count: a crop
+        crop(cache, physical + keep[0])
+        return cache
+    new_lens = [o + n for o, n in zip(old_lens, keep)]
+    width = max(new_lens)
+    keys0 = cache.layers[0].keys
+    index = torch.zeros(len(keep), width, dtype=torch.long, device=keys0.device)
+    for b, (old, n) in enumerate(zip(old_lens, keep)):
+        index[b, :old] = torch.arange(old, device=keys0.device)
+        index[b, old:old + n] = torch.arange(physical, physical + n, device=keys0.device)
+    for layer in cache.layers:
+        idx = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        layer.keys = layer.keys.gather(2, idx)
+        idx = index[:, None, :, None].expand(-1, layer.values.shape[1], -1, layer.values.shape[3])
+        layer.values = layer.values.gather(2, idx)
+    return cache
+
+
+def merge(first: DynamicCache | None, second: DynamicCache) -> DynamicCache:
+    """The two batches one after the other (batch dimension), the shorter padded to the longer's width."""
+    if first is None:
+        return second
+    width = max(first.get_seq_length(), second.get_seq_length())
+    layers = []
+    for a, b in zip(first.layers, second.layers):
+        layers.append((torch.cat([_pad_to(a.keys, width), _pad_to(b.keys, width)]),
+                       torch.cat([_pad_to(a.values, width), _pad_to(b.values, width)])))
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def select(cache: DynamicCache, rows: Sequence[int], width: int) -> DynamicCache:
+    """Only the batch rows `rows` (in that order), cut to `width` columns (the longest valid length left)."""
+    index = torch.tensor(list(rows), dtype=torch.long, device=cache.layers[0].keys.device)
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, index)[:, :, :width]
+        layer.values = layer.values.index_select(0, index)[:, :, :width]
+    return cache
+
+
+def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
+    extra = width - t.shape[2]
+    if extra <= 0:
+        return t
+    return torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], extra, t.shape[3])], dim=2)
