@@ -6,7 +6,7 @@ run, settings interleaved per prompt, so they are compared under the same machin
 The draft vocabulary is the adapter's own, or one chosen from chat records (--draft-vocab-data, as
 `maskspec draft-vocab` would choose it); without either only the full vocabulary is measured.
 
-    python scripts/step_costs.py [--prompts 3] [--max-new-tokens 64] [--threads 2] [--kernels packed,oneDNN,stock]
+    python scripts/step_costs.py [--prompts 3] [--max-new-tokens 64] [--threads 2] [--kernels packed,onednn,stock]
                                  [--adapter DIR] [--draft-vocab-data FILE.jsonl --draft-vocab-size 8192]
 """
 
@@ -23,7 +23,7 @@ from maskspec.decode.api import generate, prepare_input_ids
 from maskspec.model.mtp import MTPModel
 
 METHODS = [("ar", None), ("quadratic", 1), ("quadratic", 2), ("quadratic", 3), ("quadratic", 4), ("linear", 2)]
-KERNELS = ("packed", "oneDNN", "stock")  # packed: oneDNN with prepacked matrices
+KERNELS = ("packed", "onednn", "stock")  # the values of `MTPModel.kernels`
 DEV_SUITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "dev.jsonl"
 
 
@@ -44,12 +44,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3, help="prompts per domain (math and code)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--kernels", default=",".join(KERNELS), help="any of packed, oneDNN, stock")
+    parser.add_argument("--kernels", default=",".join(KERNELS),
+                        help="any of packed, onednn, stock (MTPModel.kernels; any letter case)")
     parser.add_argument("--adapter", default="default")
     parser.add_argument("--draft-vocab-data", default=None, help="chat-record JSONL to choose a draft vocabulary from")
     parser.add_argument("--draft-vocab-size", type=int, default=8192)
     args = parser.parse_args()
-    kernels = [k for k in args.kernels.split(",") if k]
+    kernels = [k.strip().lower() for k in args.kernels.split(",") if k.strip()]
     if not kernels or any(k not in KERNELS for k in kernels):
         parser.error(f"--kernels takes {', '.join(KERNELS)}")
     torch.set_num_threads(args.threads)
@@ -64,8 +65,7 @@ def main() -> None:
     for prompt in prompts:
         ids = prepare_input_ids(mtp, prompt.messages)[0].tolist()
         for kernel, vocab in settings:
-            mtp.fast_kernels = kernel in ("packed", "oneDNN")
-            mtp.pack_weights = kernel == "packed"
+            mtp.kernels = kernel
             mtp.set_draft_vocab(draft_ids if vocab == "draft" else None)
             for mode, k in METHODS:
                 generate(mtp, ids, max_new_tokens=4, mode=mode, k=k)  # warm-up

@@ -1,36 +1,60 @@
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from maskspec.model import kernels
-from maskspec.model.kernels import linear, uses_fast_linear
+from maskspec.model.kernels import Kernels, PackCache, linear, uses_onednn
 
 needs_onednn = pytest.mark.skipif(not kernels.ONEDNN_AVAILABLE, reason="PyTorch built without oneDNN")
 
 
 @needs_onednn
 @pytest.mark.parametrize("rows", [1, 4, 25])
-def test_fast_linear_matches_stock_linear(rows):
+def test_onednn_linear_matches_stock_linear(rows):
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(1, rows, 96, generator=gen)
     weight, bias = torch.randn(160, 96, generator=gen), torch.randn(160, generator=gen)
     with torch.no_grad():
-        assert uses_fast_linear(x, weight)
-        torch.testing.assert_close(linear(x, weight, bias, fast=True), F.linear(x, weight, bias),
+        assert uses_onednn(x, weight)
+        torch.testing.assert_close(linear(x, weight, bias, kernel=Kernels.ONEDNN), F.linear(x, weight, bias),
                                    atol=1e-4, rtol=1e-5)
         assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))  # not asked: the stock kernel
+        assert torch.equal(linear(x, weight, bias, kernel=Kernels.STOCK), F.linear(x, weight, bias))
 
 
 @needs_onednn
-def test_fast_linear_only_where_it_is_safe():
+def test_stock_never_calls_onednn(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    x, weight, bias = torch.randn(7, 192, generator=gen), torch.randn(256, 192, generator=gen), torch.randn(256)
+    with torch.no_grad():
+        packed = kernels.pack_stacked([weight]) if kernels.PACKING_AVAILABLE else None
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("oneDNN called with the stock kernel")
+
+    monkeypatch.setattr(kernels, "linear_packed", refuse)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
+    with torch.no_grad(), pytest.raises(AssertionError, match="oneDNN called"):
+        linear(x, weight, bias, kernel=Kernels.ONEDNN)  # the patch does intercept oneDNN
+    with torch.no_grad():
+        for rows in (x[:1], x):
+            out = linear(rows, weight, bias, kernel=Kernels.STOCK, packed=packed)
+            assert torch.equal(out, F.linear(rows, weight, bias))
+
+
+@needs_onednn
+def test_onednn_linear_only_where_it_is_safe():
     x, weight = torch.randn(3, 8), torch.randn(5, 8)
     with torch.no_grad():
-        assert uses_fast_linear(x, weight)
-        assert not uses_fast_linear(x.double(), weight.double())  # float64: the exactness tests' dtype
-        assert not uses_fast_linear(x.bfloat16(), weight.bfloat16())  # bf16 already goes to oneDNN
+        assert uses_onednn(x, weight)
+        assert not uses_onednn(x.double(), weight.double())  # float64: the exactness tests' dtype
+        assert not uses_onednn(x.bfloat16(), weight.bfloat16())  # bf16 already goes to oneDNN
     trainable = weight.clone().requires_grad_()
-    assert not uses_fast_linear(x, trainable)  # training keeps autograd's kernel
-    out = linear(x, trainable, fast=True)
+    assert not uses_onednn(x, trainable)  # training keeps autograd's kernel
+    out = linear(x, trainable, kernel=Kernels.ONEDNN)
     out.sum().backward()
     assert trainable.grad is not None
 
@@ -51,6 +75,13 @@ def _count_packed_calls(monkeypatch) -> list[int]:
     return calls
 
 
+def _packed(weight: torch.Tensor) -> tuple[PackCache, torch.Tensor]:
+    cache = PackCache()
+    cache.refresh({"w": ([weight], None)})
+    assert cache.is_fresh("w", ([weight], None))
+    return cache, cache.get("w").matrix
+
+
 @needs_packing
 @pytest.mark.parametrize("rows", [2, 5, 25])
 def test_packed_weight_gives_the_plain_layouts_result(rows, monkeypatch):
@@ -59,11 +90,13 @@ def test_packed_weight_gives_the_plain_layouts_result(rows, monkeypatch):
     weight, bias = torch.randn(160, 96, generator=gen), torch.randn(160, generator=gen)
     calls = _count_packed_calls(monkeypatch)
     with torch.no_grad():
-        plain = linear(x, weight, bias, fast=True)
+        plain = linear(x, weight, bias, kernel=Kernels.ONEDNN)
         assert calls == []
-        assert kernels.prepack(weight) and kernels.is_prepacked(weight)
-        assert calls == [] and torch.equal(linear(x, weight, bias, fast=True), plain)  # not asked for the copy
-        packed = linear(x, weight, bias, fast=True, packed=True)
+        _, packed_matrix = _packed(weight)
+        # Given the packed copy but not asked for it: the plain layout.
+        assert calls == [] and torch.equal(linear(x, weight, bias, kernel=Kernels.ONEDNN, packed=packed_matrix), plain)
+        assert calls == [] and torch.equal(linear(x, weight, bias, kernel=Kernels.PACKED), plain)  # none given
+        packed = linear(x, weight, bias, kernel=Kernels.PACKED, packed=packed_matrix)
     assert calls == [rows]
     assert torch.equal(packed, plain)
 
@@ -71,11 +104,12 @@ def test_packed_weight_gives_the_plain_layouts_result(rows, monkeypatch):
 @needs_packing
 def test_one_row_keeps_the_plain_layout(monkeypatch):
     weight = torch.randn(64, 32)
-    kernels.prepack(weight)
+    _, packed_matrix = _packed(weight)
     calls = _count_packed_calls(monkeypatch)
     with torch.no_grad():
-        linear(torch.randn(1, 1, 32), weight, fast=True, packed=True)
-        linear(torch.randn(3, 32), weight, packed=True)  # not asked for the fast kernel
+        linear(torch.randn(1, 1, 32), weight, kernel=Kernels.PACKED, packed=packed_matrix)
+        linear(torch.randn(3, 32), weight, packed=packed_matrix)  # not asked for a oneDNN kernel
+        linear(torch.randn(3, 32), weight, kernel=Kernels.STOCK, packed=packed_matrix)
     assert calls == []
 
 
@@ -83,27 +117,46 @@ def test_one_row_keeps_the_plain_layout(monkeypatch):
 def test_a_changed_weight_retires_its_packed_copy():
     gen = torch.Generator().manual_seed(4)
     x, weight = torch.randn(6, 48, generator=gen), torch.randn(80, 48, generator=gen)
+    source = ([weight], None)
     with torch.no_grad():
-        assert kernels.prepack(weight)
-        before = linear(x, weight, fast=True, packed=True)
+        cache, packed_matrix = _packed(weight)
+        before = linear(x, weight, kernel=Kernels.PACKED, packed=packed_matrix)
+        cache.refresh({"w": source})
+        assert cache.get("w").matrix is packed_matrix  # unchanged: not packed again
         weight.mul_(2)  # in place, as an optimizer step does
-        assert not kernels.is_prepacked(weight)
-        torch.testing.assert_close(linear(x, weight, fast=True, packed=True), 2 * before)
-        assert kernels.prepack(weight)
-        torch.testing.assert_close(linear(x, weight, fast=True, packed=True), 2 * before)
+        assert not cache.is_fresh("w", source)
+        cache.refresh({"w": source})
+        assert cache.is_fresh("w", source) and cache.get("w").matrix is not packed_matrix
+        torch.testing.assert_close(linear(x, weight, kernel=Kernels.PACKED, packed=cache.get("w").matrix),
+                                   2 * before)
         weight.data = weight.data * 0.5  # new storage, as module.to(...) swaps it
-        assert not kernels.is_prepacked(weight)
-        torch.testing.assert_close(linear(x, weight, fast=True, packed=True), before)
+        assert not cache.is_fresh("w", source)
+        cache.refresh({"w": source})
+        torch.testing.assert_close(linear(x, weight, kernel=Kernels.PACKED, packed=cache.get("w").matrix), before)
+        # A pack belongs to the tensor object: another one with the same storage and version is another source
+        # (a freed weight's successor can get its address and version).
+        alias = weight.detach()
+        assert kernels.tensor_state(alias) == kernels.tensor_state(weight)
+        assert not cache.is_fresh("w", ([alias], None))
 
 
 @needs_packing
-def test_a_packed_copy_lives_as_long_as_its_weight():
-    weight = torch.randn(16, 8)
-    kernels.prepack(weight)
-    key = id(weight)
-    assert key in kernels._packed
+def test_a_cache_holds_no_reference_to_its_weights_and_drops_what_refresh_no_longer_names():
+    weight, other = torch.randn(16, 8), torch.randn(12, 8)
+    cache = PackCache()
+    cache.refresh({"w": ([weight], None), "o": ([other], None)})
+    assert len(cache) == 2 and "w" in cache
+    packed_ref = weakref.ref(cache.get("w").matrix)
+    weight_ref = weakref.ref(weight)
     del weight
-    assert key not in kernels._packed
+    gc.collect()
+    assert weight_ref() is None  # the cache did not keep the weight alive
+    cache.refresh({"o": ([other], None)})
+    assert "w" not in cache and "o" in cache
+    gc.collect()
+    assert packed_ref() is None
+    cache.drop("o")
+    assert len(cache) == 0
 
 
 @needs_packing
@@ -115,12 +168,42 @@ def test_stacked_packing_keeps_the_first_block_bit_identical(rows):
     bias = torch.randn(160, generator=gen)
     with torch.no_grad():
         both = kernels.linear_packed(x, kernels.pack_stacked([weight, low_rank]), torch.cat([bias, torch.zeros(8)]))
-        assert torch.equal(both[:, :160], linear(x, weight, bias, fast=True))
+        assert torch.equal(both[:, :160], linear(x, weight, bias, kernel=Kernels.ONEDNN))
         torch.testing.assert_close(both[:, 160:], x @ low_rank.t(), atol=1e-4, rtol=1e-5)
+        # The cache's stacked pack: the same matrix and the bias padded with zeros for the low-rank rows.
+        cache = PackCache()
+        cache.refresh({"s": ([weight, low_rank], bias)})
+        pack = cache.get("s")
+        assert torch.equal(pack.bias, torch.cat([bias, torch.zeros(8)]))
+        assert torch.equal(kernels.linear_packed(x, pack.matrix, pack.bias), both)
 
 
 @needs_packing
-def test_prepack_only_where_the_fast_path_goes():
-    assert not kernels.prepack(torch.randn(8, 4, dtype=torch.float64))
-    assert not kernels.prepack(torch.randn(8, 4, dtype=torch.bfloat16))
-    assert not kernels.prepack(torch.randn(8))
+def test_packing_only_where_the_onednn_path_goes():
+    cache = PackCache()
+    cache.refresh({"f64": ([torch.randn(8, 4, dtype=torch.float64)], None),
+                   "bf16": ([torch.randn(8, 4, dtype=torch.bfloat16)], None),
+                   "1d": ([torch.randn(8)], None),
+                   "mixed": ([torch.randn(8, 4), torch.randn(2, 4, dtype=torch.float64)], None),
+                   "f32": ([torch.randn(8, 4)], None)})
+    assert "f64" not in cache and "bf16" not in cache and "1d" not in cache and "mixed" not in cache
+    assert "f32" in cache
+
+
+def test_no_packing_without_the_packing_op(monkeypatch):
+    monkeypatch.setattr(kernels, "PACKING_AVAILABLE", False)
+    cache = PackCache()
+    cache.refresh({"w": ([torch.randn(8, 4)], None)})
+    assert len(cache) == 0
+
+
+@needs_packing
+def test_copies_of_a_cache_are_empty():
+    import copy
+    import pickle
+
+    cache = PackCache()
+    cache.refresh({"w": ([torch.randn(8, 4)], None)})
+    assert len(cache) == 1
+    assert len(copy.deepcopy(cache)) == 0 and len(pickle.loads(pickle.dumps(cache))) == 0
+    assert len(cache) == 1

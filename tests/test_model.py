@@ -1,7 +1,10 @@
 """MTPModel: gate exactness, the one-pass layout, adapter files, which parameters train."""
 
 import copy
+import gc
 import json
+import pickle
+import weakref
 from contextlib import nullcontext
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 from maskspec.adapter import FORMAT_VERSION, load_adapter, read_adapter_config
 from maskspec.errors import AdapterError
 from maskspec.model import kernels
+from maskspec.model.kernels import Kernels
 from maskspec.model.layout import build_layout
 from maskspec.model.mtp import MTPConfig, MTPModel, randomize_adapter_
 from maskspec.testing import TINY_ARCHITECTURES, tiny_model
@@ -73,7 +77,7 @@ def test_gate_exactness_smollm(smollm):
     # The model called directly is the stock model, whatever the decoding kernel setting.
     with torch.no_grad():
         assert torch.equal(mtp.model(ids).logits, model(ids).logits)
-    mtp.fast_kernels = False  # bitwise statements about the gate, with the stock kernel
+    mtp.kernels = "stock"  # bitwise statements about the gate, with the stock kernel
     hidden, logits = _normal_outputs(mtp, ids, layout)
     bare_hidden, bare_logits = _normal_outputs(mtp, ids, build_layout(n, [], 4))
     with torch.no_grad():
@@ -94,9 +98,9 @@ def test_gate_exactness_smollm(smollm):
 
     # The decoding kernel: the gate isolates the normal rows just as well (bitwise, same rows, same kernel),
     # and the result differs from the stock kernel by rounding only.
-    mtp.fast_kernels = True
+    mtp.kernels = "packed"  # the default; outside a decoding session that is oneDNN on the plain matrices
     fast_hidden, fast_logits = _normal_outputs(mtp, ids, layout)
-    with torch.no_grad(), mtp.gate.active(torch.empty(0, dtype=torch.long), fast_linear=True):
+    with torch.no_grad(), mtp.gate.active(torch.empty(0, dtype=torch.long), Kernels.ONEDNN):
         fast_plain = mtp.model.get_decoder()(
             inputs_embeds=embeds, position_ids=layout.position_ids[None], attention_mask=mask
         ).last_hidden_state[0, layout.normal_rows()]
@@ -287,8 +291,8 @@ def test_default_model_without_adapter_warns(smollm):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: biases on q/k/v
 @pytest.mark.parametrize("normals_first", [True, False])  # contiguous mask rows (decoding) or scattered
 def test_packed_decoding_path(arch, normals_first, monkeypatch):
-    """Inside `packed_weights` the wrapped projections use the packed [W; A]: normal rows bit-identical to the
-    unpacked fast kernel, mask rows equal up to rounding; a weight changed between blocks is repacked."""
+    """Inside `decoding_session` the wrapped projections use the packed [W; A]: normal rows bit-identical to the
+    unpacked oneDNN kernel, mask rows equal up to rounding; a weight changed between sessions is repacked."""
     mtp = _random_mtp(arch, k=3)
     ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(5))
     layout = build_layout(9, [2, 5, 8], mtp.k, normals_first=normals_first)
@@ -298,7 +302,7 @@ def test_packed_decoding_path(arch, normals_first, monkeypatch):
     monkeypatch.setattr(kernels, "linear_packed", lambda *a: calls.append(1) or real(*a))
 
     def hidden(packed: bool) -> torch.Tensor:
-        with torch.no_grad(), (mtp.packed_weights() if packed else nullcontext()):
+        with torch.no_grad(), (mtp.decoding_session() if packed else nullcontext()):
             return mtp.forward_layout(ids, layout).hidden[0]
 
     plain = hidden(False)
@@ -314,15 +318,185 @@ def test_packed_decoding_path(arch, normals_first, monkeypatch):
     plain_changed, packed_changed = hidden(False), hidden(True)
     assert not torch.allclose(plain_changed[masks], plain[masks], atol=1e-3)
     torch.testing.assert_close(packed_changed[masks], plain_changed[masks], atol=1e-4, rtol=1e-4)
-    assert mtp._pack_sessions == 0
-    copy.deepcopy(mtp)  # packed oneDNN tensors cannot be copied: a copy leaves them behind
+    assert mtp._sessions == 0
+    calls.clear()
+    hidden(False)
+    assert calls == []  # nor after one
+    with torch.no_grad(), mtp.decoding_session():
+        with torch.enable_grad():  # nor where autograd records
+            mtp.forward_layout(ids, layout)
+        assert calls == []
+    # Packed oneDNN tensors cannot be copied or pickled: a copy leaves them behind and packs its own.
+    assert len(mtp._packs) > 0
+    for clone in (copy.deepcopy(mtp), pickle.loads(pickle.dumps(mtp))):
+        assert len(clone._packs) == 0 and clone._packs is not mtp._packs and clone.gate.packs is clone._packs
+        with torch.no_grad(), clone.decoding_session():
+            assert len(clone._packs) == len(mtp._packs)
+            assert torch.equal(clone.forward_layout(ids, layout).hidden[0], packed_changed)
 
 
-def test_packed_weights_off_leaves_the_plain_path(monkeypatch):
+@pytest.mark.parametrize("choice", ["onednn", "stock"])
+def test_kernels_without_packing_leave_the_plain_path(choice, monkeypatch):
     mtp = _random_mtp("llama")
-    mtp.pack_weights = False
+    mtp.kernels = choice
     calls: list[int] = []
     monkeypatch.setattr(kernels, "linear_packed", lambda *a: calls.append(1))
-    with torch.no_grad(), mtp.packed_weights():
+    with torch.no_grad(), mtp.decoding_session():
         mtp.forward_layout(torch.randint(3, 128, (1, 6)), build_layout(6, [5], mtp.k, normals_first=True))
     assert calls == []
+    assert len(mtp._packs) == 0
+
+
+def test_kernels_switch_checks_its_value():
+    mtp = _random_mtp("llama")
+    assert mtp.kernels == "packed"  # the default
+    for choice in ("onednn", "stock", "packed", Kernels.STOCK):
+        mtp.kernels = choice
+        assert mtp.kernels == choice and type(mtp.kernels) is str
+    for bad in ("bogus", "oneDNN", "", None, True):
+        with pytest.raises(ValueError, match="'packed', 'onednn', 'stock'"):
+            mtp.kernels = bad
+        assert mtp.kernels == "stock"  # unchanged
+    assert not hasattr(mtp, "fast_kernels") and not hasattr(mtp, "pack_weights")
+    assert MTPModel.packed_weights is MTPModel.decoding_session  # the decoders' old name, for now
+
+
+def test_stock_kernels_never_call_onednn(monkeypatch):
+    """With "stock", decoding's passes (wrapped projections, head, sampler, draft head) run `F.linear` only,
+    inside a decoding session too: the same numbers as the base model with the gate off."""
+    mtp = _random_mtp("qwen2")  # biases on q/k/v
+    mtp.set_draft_vocab(range(3, 60))
+    mtp.kernels = "stock"
+    ids = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(8))
+    bare = build_layout(7, [], mtp.k)
+    with torch.no_grad():
+        ref = mtp.model(ids).logits[0]
+        mtp.kernels = "packed"
+        packed_outside = mtp.head_logits(mtp.forward_layout(ids, bare).hidden[0])
+    mtp.kernels = "stock"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("oneDNN called with the stock kernels")
+
+    monkeypatch.setattr(kernels, "linear_packed", refuse)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", refuse)
+    with torch.no_grad():
+        with pytest.raises(AssertionError, match="oneDNN called"):  # the patch does intercept the other kernels
+            mtp.kernels = "packed"
+            mtp.head_logits(mtp.forward_layout(ids, bare).hidden[0])
+        mtp.kernels = "stock"
+        with mtp.decoding_session():
+            hidden = mtp.forward_layout(ids, build_layout(7, range(7), mtp.k, normals_first=True)).hidden[0]
+            logits = mtp.head_logits(mtp.forward_layout(ids, bare).hidden[0])
+            prev = torch.full((hidden.shape[0],), 5, dtype=torch.long)
+            mtp.sampler_logits(prev, hidden)
+            mtp.draft_logits(prev, hidden, extra_ids=torch.tensor([90, 100]))
+    assert torch.equal(logits, ref)
+    torch.testing.assert_close(packed_outside, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not kernels.PACKING_AVAILABLE, reason="PyTorch without oneDNN weight packing")
+def test_pack_cache_is_per_model(monkeypatch):
+    """Each model packs its own matrices into its own cache: another model's session neither fills nor uses it,
+    packed results equal each model's own plain oneDNN ones, and a dropped model frees its packs."""
+    models = [_random_mtp("llama", seed=0), _random_mtp("llama", seed=5)]
+    for mtp, vocab in zip(models, (range(3, 50), range(40, 110))):
+        mtp.set_draft_vocab(vocab)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(1))
+    layout = build_layout(8, [3, 7], models[0].k, normals_first=True)
+    prev = torch.full((len(layout.mask_rows()),), 9, dtype=torch.long)
+
+    def outputs(mtp):
+        hidden = mtp.forward_layout(ids, layout).hidden[0]
+        masks = hidden[layout.mask_rows()]
+        return (hidden[layout.normal_rows()], mtp.head_logits(hidden), mtp.sampler_logits(prev, masks),
+                mtp.draft_logits(prev, masks)[0])
+
+    with torch.no_grad():
+        plain = [outputs(mtp) for mtp in models]  # outside a session: oneDNN on the plain matrices
+    calls: list[int] = []
+    real = kernels.linear_packed
+    monkeypatch.setattr(kernels, "linear_packed", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad(), models[0].decoding_session():
+        assert len(models[0]._packs) > 0 and len(models[1]._packs) == 0
+        with models[1].decoding_session():
+            for mtp, before in zip(models, plain):
+                calls.clear()
+                now = outputs(mtp)
+                # wrapped projections, head (twice: full logits and the sampler's), sampler fc1/fc2, draft head
+                assert len(calls) >= len(mtp.lora_layers) + 5
+                normal, *heads = now
+                assert torch.equal(normal, before[0])
+                for got, want in zip(heads, before[1:]):
+                    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert models[0]._sessions == 1 and models[1]._sessions == 0
+        mine = {id(models[0]._packs.get(key).matrix) for key in models[0]._packs}
+        theirs = {id(models[1]._packs.get(key).matrix) for key in models[1]._packs}
+        assert mine.isdisjoint(theirs)
+    refs = [weakref.ref(models[1]._packs.get(key).matrix) for key in models[1]._packs]
+    assert refs
+    del models[1], mtp
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert len(models[0]._packs) > 0
+
+
+@pytest.mark.skipif(not kernels.PACKING_AVAILABLE, reason="PyTorch without oneDNN weight packing")
+def test_packs_follow_module_to_and_sessions_nest(monkeypatch):
+    """`module.to` gives new matrices: the next session repacks them (none in float64); sessions nest and end in
+    any order, packing stays on while any is open."""
+    mtp = _random_mtp("llama")
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    layout = build_layout(6, [5], mtp.k, normals_first=True)
+    calls: list[int] = []
+    real = kernels.linear_packed
+    monkeypatch.setattr(kernels, "linear_packed", lambda *a: calls.append(1) or real(*a))
+
+    def run():
+        calls.clear()
+        return mtp.forward_layout(ids, layout).hidden[0]
+
+    with torch.no_grad():
+        with mtp.decoding_session():
+            first = run()
+            assert calls
+        packs = {key: mtp._packs.get(key) for key in mtp._packs}
+        with mtp.decoding_session():  # nothing changed: nothing packed again
+            assert all(mtp._packs.get(key) is pack for key, pack in packs.items())
+        mtp.to(torch.float64)
+        with mtp.decoding_session():
+            assert len(mtp._packs) == 0
+            run()
+            assert calls == []
+        mtp.to(torch.float32)
+        outer, inner = mtp.decoding_session(), mtp.decoding_session()
+        outer.__enter__()
+        inner.__enter__()
+        assert len(mtp._packs) == len(packs) and all(mtp._packs.get(key) is not packs[key] for key in packs)
+        outer.__exit__(None, None, None)  # the first one ends first
+        assert torch.equal(run(), first) and calls
+        inner.__exit__(None, None, None)
+        run()
+        assert calls == [] and mtp._sessions == 0
+
+
+@pytest.mark.skipif(not kernels.PACKING_AVAILABLE, reason="PyTorch without oneDNN weight packing")
+def test_a_new_draft_vocabulary_inside_a_session_retires_the_old_pack():
+    mtp = _random_mtp("llama")
+    latents = torch.randn(4, mtp.model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    prev = torch.full((4,), 7, dtype=torch.long)
+    with torch.no_grad():
+        mtp.set_draft_vocab(range(3, 50))
+        with mtp.decoding_session():
+            assert "draft_head" in mtp._packs
+            first = mtp.draft_logits(prev, latents)[0]
+            mtp.set_draft_vocab(range(20, 67))  # the same size, other rows
+            assert "draft_head" not in mtp._packs
+            second = mtp.draft_logits(prev, latents)[0]
+        mtp.set_draft_vocab(range(3, 50))
+        plain_first = mtp.draft_logits(prev, latents)[0]
+        mtp.set_draft_vocab(range(20, 67))
+        plain_second = mtp.draft_logits(prev, latents)[0]
+    torch.testing.assert_close(first, plain_first, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(second, plain_second, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(first, second, atol=1e-3)

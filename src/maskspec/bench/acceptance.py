@@ -71,7 +71,7 @@ def draft_matches(mtp: MTPModel, prompt_ids: Sequence[int], continuation: Sequen
         return empty, {name: [0] * k for name in drafters}, [0] * k
     layout = build_layout(len(sequence), heads, k, device=mtp.device)
     ids = torch.tensor([sequence], device=mtp.device)
-    with mtp.packed_weights():
+    with mtp.decoding_session():
         hidden = mtp.forward_layout(ids, layout).hidden[0]
 
     # Mask j (0-based) of the block after head h predicts sequence[h + 2 + j], with the token before it

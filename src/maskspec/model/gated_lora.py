@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from maskspec.model import kernels
-from maskspec.model.kernels import linear
+from maskspec.model.kernels import Kernels, PackCache, PackSource, linear
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -25,24 +25,24 @@ class GateState:
     """Flat (batch * sequence) indices of the rows where LoRA is on, for the duration of one call.
     `span` is (start, stop) when those rows are contiguous (a decoding step puts every mask row last), so
     the layers can slice instead of gather and scatter, which is several times faster on CPU.
-    `fast_linear` asks the layers for the decoding kernel of `maskspec.model.kernels` during the call, and
-    `packed` tells them their packed matrices (`GatedLoRALinear.prepack`) were checked up to date for it."""
+    `kernel` is the linear kernel of `maskspec.model.kernels` the layers use during the call; with
+    `Kernels.PACKED` they multiply by their packs in `packs` (the model's cache, keyed by `id(layer)`), which
+    the caller has brought up to date for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, packs: PackCache | None = None) -> None:
         self.rows: torch.Tensor | None = None
         self.span: tuple[int, int] | None = None
-        self.fast_linear = False
-        self.packed = False
+        self.kernel = Kernels.STOCK
+        self.packs = packs
 
     @contextmanager
-    def active(self, rows: torch.Tensor | None, fast_linear: bool = False, packed: bool = False) -> Iterator[None]:
-        previous = (self.rows, self.span, self.fast_linear, self.packed)
-        self.rows, self.span = rows, _contiguous_span(rows)
-        self.fast_linear, self.packed = fast_linear, fast_linear and packed
+    def active(self, rows: torch.Tensor | None, kernel: Kernels = Kernels.STOCK) -> Iterator[None]:
+        previous = (self.rows, self.span, self.kernel)
+        self.rows, self.span, self.kernel = rows, _contiguous_span(rows), kernel
         try:
             yield
         finally:
-            self.rows, self.span, self.fast_linear, self.packed = previous
+            self.rows, self.span, self.kernel = previous
 
 
 def _contiguous_span(rows: torch.Tensor | None) -> tuple[int, int] | None:
@@ -69,45 +69,31 @@ class GatedLoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         # A plain attribute, not a submodule: the gate is shared by every layer and holds no parameters.
         object.__setattr__(self, "_gate", gate)
-        # Decoding's packed [W; A] (`prepack`): (the states it was built from, packed matrix, stacked bias).
-        self._stacked: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def weight(self) -> torch.Tensor:  # some modeling code reads `proj.weight.dtype`
         return self.base.weight
 
-    def prepack(self) -> bool:
-        """Pack the base matrix and LoRA's A stacked, [W; A], for the decoding kernel: one call then gives the
-        base output (bit-identical to W alone) and the low-rank input of the mask rows. Repacks only when W, A
-        or the bias changed. Returns whether the stacked path is ready."""
-        if self._stacked is not None and self._stacked[0] == self._stacked_state():
-            return True
-        self._stacked = None
-        weight, lora_a, bias = self.base.weight, self.lora_A.weight, self.base.bias
-        if (not kernels.PACKING_AVAILABLE or type(self.base) is not nn.Linear or weight.device.type != "cpu"
-                or weight.dtype != torch.float32 or lora_a.dtype != torch.float32):
-            return False
-        stacked_bias = None if bias is None else torch.cat([bias.detach(), bias.new_zeros(self.rank)])
-        self._stacked = (self._stacked_state(), kernels.pack_stacked([weight, lora_a]), stacked_bias)
-        return True
-
-    def __getstate__(self) -> dict:
-        # Packed matrices are opaque oneDNN tensors that cannot be copied or pickled; a copy packs its own.
-        return {**super().__getstate__(), "_stacked": None}
-
-    def _stacked_state(self) -> tuple:
-        bias = self.base.bias
-        return (kernels.tensor_state(self.base.weight), kernels.tensor_state(self.lora_A.weight),
-                None if bias is None else kernels.tensor_state(bias))
+    def pack_source(self) -> PackSource | None:
+        """What decoding packs for this layer: the base matrix and LoRA's A stacked, [W; A], with W's bias. One
+        call then gives the base output (bit-identical to W alone) and the low-rank input of the mask rows.
+        None where the base keeps its own forward (a subclass of nn.Linear, quantised say)."""
+        if type(self.base) is not nn.Linear:
+            return None
+        return [self.base.weight, self.lora_A.weight], self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._stacked is not None and self._stacked_usable(x):
-            return self._stacked_forward(x)
+        gate = self._gate
+        if (gate.kernel == Kernels.PACKED and gate.packs is not None and x.dtype == torch.float32
+                and kernels.packed_rows(x)):
+            pack = gate.packs.get(id(self))
+            if pack is not None:
+                return self._stacked_forward(x, pack.matrix, pack.bias)
         if type(self.base) is nn.Linear:
-            out = linear(x, self.base.weight, self.base.bias, fast=self._gate.fast_linear)
+            out = linear(x, self.base.weight, self.base.bias, kernel=gate.kernel)
         else:  # a subclass (quantised, say) keeps its own forward
             out = self.base(x)
-        rows, span = self._gate.rows, self._gate.span
+        rows, span = gate.rows, gate.span
         if rows is None or rows.numel() == 0:
             return out
         flat_x = x.reshape(-1, x.shape[-1])
@@ -125,14 +111,9 @@ class GatedLoRALinear(nn.Module):
             flat_out.index_add_(0, rows, self._delta(flat_x.index_select(0, rows)).to(out.dtype))
         return out
 
-    def _stacked_usable(self, x: torch.Tensor) -> bool:
-        # The gate's `packed` says prepack() ran for this call.
-        return self._gate.packed and x.dtype == torch.float32 and kernels.packed_rows(x)
-
-    def _stacked_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _stacked_forward(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Decoding with the packed [W; A]: the base output and every row's low-rank input from one matmul,
         then B into the mask rows."""
-        _, packed, bias = self._stacked
         out_features = self.base.out_features
         both = kernels.linear_packed(x.reshape(-1, x.shape[-1]), packed, bias)  # (rows, out + rank)
         out = both[:, :out_features].contiguous()

@@ -7,25 +7,37 @@ and grows less with rows: over 90 float32 matrices of SmolLM2-135M's MLP shape (
 measures it over the embedded model's own projections. Results differ from MKL's only in rounding
 (summation order, ~1e-6 relative), the same kind of difference a different row count already makes.
 
-Prepacked weights (`prepack`): oneDNN can keep a weight in its own blocked layout, so a call does not re-read
+Packed matrices (`PackCache`): oneDNN can keep a weight in its own blocked layout, so a call does not re-read
 the plain layout in a cache-unfriendly order. For 2+ rows that is a third faster again (the MLP matrices above:
 22.9 -> 15.1 ms at 4 rows, 22.8 -> 14.8 at 9, on this machine) and, measured over the model's shapes, gives
 bit-identical results to the plain-layout call with the same rows. One row is left to the plain layout:
 there oneDNN picks a vector kernel that the blocked layout would not use (different rounding, no faster).
 A packed weight is a second copy of the matrix: it costs memory equal to the weights packed.
 
-It is used only for inference-time float32 on CPU and only where the caller asks for it (decoding inside
-`MTPModel`), so the wrapped model, called directly, is still exactly the stock model. bfloat16 is left to
-the stock path: there oneDNN is already what PyTorch uses.
+The choice is one value, `Kernels`: "packed" (oneDNN, with packed matrices for calls of 2+ rows), "onednn"
+(oneDNN, plain layout) or "stock" (`F.linear`). It applies only to inference-time float32 on CPU and only
+where the caller asks for it (decoding inside `MTPModel`, whose `kernels` attribute holds it), so the wrapped
+model, called directly, is still exactly the stock model. bfloat16 is left to the stock path: there oneDNN is
+already what PyTorch uses.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
+
+
+class Kernels(str, Enum):
+    """Which float32 CPU kernel a decoding linear call uses (see the module docstring)."""
+
+    PACKED = "packed"
+    ONEDNN = "onednn"
+    STOCK = "stock"
 
 
 def _onednn_available() -> bool:
@@ -38,50 +50,23 @@ PACKING_AVAILABLE = ONEDNN_AVAILABLE and hasattr(torch.ops.mkldnn, "_reorder_lin
 # 16 (vs 4) was as fast or faster at 4, 9 and 25 rows on every shape of the embedded model.
 PACKING_ROWS_HINT = 16
 
-# id(weight) -> (a weak reference to the weight, its (_version, data_ptr) when packed, the packed copy). A
-# packed copy lives as long as its weight; an in-place change (a training step) bumps _version and new data
-# (`module.to(...)` swaps `.data`) moves data_ptr: either retires the copy. (Tensors compare elementwise, so
-# they cannot be the keys of a WeakKeyDictionary.)
-_packed: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
+# What a pack is made from: matrices stacked by rows (same input size) and the first matrix's bias (or None).
+PackSource = tuple[Sequence[torch.Tensor], torch.Tensor | None]
 
 
-def _packed_copy(weight: torch.Tensor) -> torch.Tensor | None:
-    entry = _packed.get(id(weight))
-    if entry is None or entry[0]() is not weight or entry[1] != tensor_state(weight):
-        return None
-    return entry[2]
-
-
-def _forget(ref: weakref.ref, key: int) -> None:
-    entry = _packed.get(key)
-    if entry is not None and entry[0] is ref:
-        del _packed[key]
-
-
-def uses_fast_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear(..., fast=True)` takes the oneDNN path for these tensors."""
+def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` with a oneDNN kernel ("packed" or "onednn") takes the oneDNN path for these tensors."""
     return (ONEDNN_AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and not (torch.is_grad_enabled() and
                                                        (x.requires_grad or weight.requires_grad)))
 
 
-def prepack(weight: torch.Tensor) -> bool:
-    """Keep a oneDNN-packed copy of `weight` for `linear(..., fast=True)` calls with 2+ rows. Returns whether a
-    packed copy is (now) in place: not for tensors the fast path would not take (not CPU float32, or a
-    PyTorch without the packing op). Packing again an unchanged weight is free."""
-    if not PACKING_AVAILABLE or weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
-        return False
-    if _packed_copy(weight) is not None:
-        return True
-    packed = pack_stacked([weight])
-    key = id(weight)
-    _packed[key] = (weakref.ref(weight, lambda ref: _forget(ref, key)), tensor_state(weight), packed)
-    return True
-
-
-def is_prepacked(weight: torch.Tensor) -> bool:
-    """Whether `weight` has an up-to-date packed copy."""
-    return _packed_copy(weight) is not None
+def packable(matrices: Sequence[torch.Tensor]) -> bool:
+    """Whether these matrices can be packed together: CPU float32 2-D with one input size, and a PyTorch with
+    the packing op."""
+    return (PACKING_AVAILABLE and len(matrices) > 0
+            and all(m.device.type == "cpu" and m.dtype == torch.float32 and m.dim() == 2 for m in matrices)
+            and len({m.shape[1] for m in matrices}) == 1)
 
 
 def pack_stacked(weights: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -108,14 +93,98 @@ def tensor_state(weight: torch.Tensor) -> tuple[int, int]:
     return weight._version, weight.data_ptr()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fast: bool = False,
-           packed: bool = False) -> torch.Tensor:
-    """`F.linear`, or oneDNN's float32 matmul when `fast` and the tensors allow it (CPU, float32, no grad); with
-    `packed` too, by the weight's packed copy (`prepack`) where it has an up-to-date one and there are 2+ rows."""
-    if fast and uses_fast_linear(x, weight):
-        if packed and packed_rows(x):
-            packed_copy = _packed_copy(weight)
-            if packed_copy is not None:
-                return linear_packed(x, packed_copy, bias)
+@dataclass(frozen=True, eq=False)
+class Pack:
+    """A packed matrix, its bias over all its rows (the source's bias, zeros for the rows past the first
+    matrix; None without one), and what it was packed from: weak references to the source tensors and their
+    `tensor_state` at the time."""
+
+    matrix: torch.Tensor
+    bias: torch.Tensor | None
+    sources: tuple[weakref.ref | None, ...]
+    states: tuple[tuple[int, int] | None, ...]
+
+    def built_from(self, matrices: Sequence[torch.Tensor], bias: torch.Tensor | None) -> bool:
+        """Whether this pack was made from exactly these tensors, unchanged since."""
+        tensors = (*matrices, bias)
+        # Identity as well as state: a freed tensor's successor can reuse its address with the same _version.
+        return (len(tensors) == len(self.sources)
+                and all((ref is None and t is None) or (ref is not None and ref() is t)
+                        for ref, t in zip(self.sources, tensors))
+                and self.states == _states(tensors))
+
+
+def _states(tensors: Sequence[torch.Tensor | None]) -> tuple[tuple[int, int] | None, ...]:
+    return tuple(None if t is None else tensor_state(t) for t in tensors)
+
+
+def _make_pack(matrices: Sequence[torch.Tensor], bias: torch.Tensor | None) -> Pack:
+    rows = sum(m.shape[0] for m in matrices)
+    stacked_bias = None
+    if bias is not None:
+        with torch.no_grad():
+            stacked_bias = torch.cat([bias.detach(), bias.new_zeros(rows - bias.shape[0])])
+    tensors = (*matrices, bias)
+    return Pack(pack_stacked(matrices), stacked_bias,
+                tuple(None if t is None else weakref.ref(t) for t in tensors), _states(tensors))
+
+
+class PackCache:
+    """The packed matrices of one model, by key. `refresh` brings it up to date with the model's current
+    matrices (run when a decoding session is entered: only missing or changed entries are packed, keys no
+    longer named are dropped); `get` only reads, so the calls inside a session pay nothing for it. The cache
+    holds no strong reference to the tensors it packed. A packed copy costs memory equal to its matrices."""
+
+    def __init__(self) -> None:
+        self._packs: dict[Hashable, Pack] = {}
+
+    def refresh(self, sources: Mapping[Hashable, PackSource]) -> None:
+        """Make the cache hold a pack for every packable source (`packable`) and nothing else."""
+        packs: dict[Hashable, Pack] = {}
+        for key, (matrices, bias) in sources.items():
+            pack = self._packs.get(key)
+            if pack is None or not pack.built_from(matrices, bias):
+                pack = _make_pack(matrices, bias) if packable(matrices) else None
+            if pack is not None:
+                packs[key] = pack
+        self._packs = packs
+
+    def get(self, key: Hashable) -> Pack | None:
+        """The pack stored under `key` at the last `refresh` (not checked against the tensors again)."""
+        return self._packs.get(key)
+
+    def is_fresh(self, key: Hashable, source: PackSource) -> bool:
+        """Whether `key` holds a pack of exactly `source`'s tensors in their current state."""
+        pack = self._packs.get(key)
+        return pack is not None and pack.built_from(*source)
+
+    def drop(self, key: Hashable) -> None:
+        self._packs.pop(key, None)
+
+    def clear(self) -> None:
+        self._packs = {}
+
+    def __len__(self) -> int:
+        return len(self._packs)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._packs
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(list(self._packs))
+
+    def __reduce__(self) -> tuple:
+        # Packed matrices are opaque oneDNN tensors that cannot be copied or pickled; a copy packs its own.
+        return (type(self), ())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           kernel: Kernels = Kernels.STOCK, packed: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` ("stock"), or oneDNN's float32 matmul ("onednn", "packed") where the tensors allow it (CPU,
+    float32, no grad, `uses_onednn`). With "packed", calls of 2+ rows multiply by `packed`, the weight's
+    packed copy (`Pack.matrix`), when one is given."""
+    if kernel != Kernels.STOCK and uses_onednn(x, weight):
+        if kernel == Kernels.PACKED and packed is not None and packed_rows(x):
+            return linear_packed(x, packed, bias)
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

@@ -9,6 +9,7 @@ modeling code is copied. Logits are computed only for the rows that need them (`
 from __future__ import annotations
 
 import warnings
+from collections.abc import Hashable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from maskspec.model.gated_lora import DEFAULT_TARGET_MODULES, GatedLoRALinear, GateState, inject_gated_lora
-from maskspec.model.kernels import linear, prepack
+from maskspec.model.kernels import Kernels, PackCache, PackSource, linear
 from maskspec.model.layout import Layout, apply_sliding_window
 from maskspec.model.sampler import SamplerHead
 
@@ -66,7 +67,9 @@ class MTPModel(nn.Module):
         self.model_name = model_name or getattr(model.config, "name_or_path", "") or type(model).__name__
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.gate = GateState()
+        # The packed matrices of decoding sessions (`decoding_session`); the gate lends it to the wrapped layers.
+        self._packs = PackCache()
+        self.gate = GateState(self._packs)
         embed = model.get_input_embeddings()
         weight = embed.weight
         hidden = weight.shape[1]
@@ -82,14 +85,9 @@ class MTPModel(nn.Module):
                                                         device=weight.device) * std)
         self.sampler = SamplerHead(hidden, dtype=weight.dtype, device=weight.device)
         self.eos_token_ids = _eos_ids(model, tokenizer)
-        # Decoding's own passes use the CPU float32 kernel of `maskspec.model.kernels` (rounding-level
-        # differences from the stock kernel; set False to compute with the stock kernel everywhere).
-        self.fast_kernels = True
-        # With the fast kernel, decoding also keeps oneDNN-packed copies of the frozen matrices it multiplies
-        # by (`kernels.prepack`): faster steps, bit-identical results, memory equal to those matrices again.
-        self.pack_weights = True
+        self._kernels = Kernels.PACKED  # see the `kernels` property
         self._lora_layer_modules: list[GatedLoRALinear] | None = None
-        self._pack_sessions = 0  # open `packed_weights` blocks whose packing succeeded
+        self._sessions = 0  # open `decoding_session` blocks
         # Measured per-device decoding defaults from the adapter's config ({"cpu": {"k": 1, ...}}); see default_k.
         self.decoding_defaults: dict[str, Any] = {}
         # Optional draft vocabulary (`set_draft_vocab`): buffers, so `.to()` moves them; not part of state_dict.
@@ -198,8 +196,7 @@ class MTPModel(nn.Module):
         masks = self.model_attention_mask(attention, position_ids, key_positions, embeds.dtype)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()  # no config: full layers everywhere, windows come from our mask
-        gate_ctx = (nullcontext() if keep_gate_for_backward
-                    else self.gate.active(mask_rows, fast_linear=self.fast_kernels, packed=self._using_packs()))
+        gate_ctx = nullcontext() if keep_gate_for_backward else self.gate.active(mask_rows, self._pass_kernel())
         with gate_ctx:
             out = self.model.get_decoder()(
                 inputs_embeds=embeds, position_ids=position_ids, attention_mask=masks,
@@ -216,41 +213,75 @@ class MTPModel(nn.Module):
         return self.forward_rows(token_ids, expand(layout.mask_slot), expand(layout.position_ids),
                                  expand(layout.attention), expand(layout.key_positions), past_key_values, use_cache)
 
-    def decoding_weights(self) -> list[torch.Tensor]:
-        """The matrices decoding's own linear calls multiply by, besides the wrapped projections (which pack
-        themselves with LoRA's A, `GatedLoRALinear.prepack`): the output head, the sampler's layers and the draft
-        vocabulary's head rows."""
-        head = self.model.get_output_embeddings()
-        weights = [head.weight] if type(head) is nn.Linear else []
-        weights += [self.sampler.fc1.weight, self.sampler.fc2.weight]
-        if self._draft_head_weight is not None:
-            weights.append(self._draft_head_weight)
-        return weights
+    # ------------------------------------------------------------------ kernels and decoding sessions
+    @property
+    def kernels(self) -> str:
+        """The linear kernel of decoding's own passes on CPU in float32 (`maskspec.model.kernels`): "packed"
+        (the default: oneDNN's matmul, multiplying by oneDNN-packed copies of the frozen matrices in calls of
+        2+ rows inside `decoding_session`; bit-identical to "onednn", faster, memory equal to those matrices
+        again), "onednn" (oneDNN's matmul on the plain matrices) or "stock" (`F.linear` everywhere). oneDNN
+        rounds differently from the stock kernel in the last bits. The model called directly (`self.model`)
+        always runs the stock kernel."""
+        return self._kernels.value
 
-    def prepack_weights(self) -> bool:
-        """Packed copies of every matrix decoding multiplies by, for the fast kernel (`kernels.prepack`,
-        `GatedLoRALinear.prepack`); only those missing or out of date are packed (1-2 ms per call for the
-        embedded model once packed). Returns whether every wrapped projection has its packed copy."""
-        for weight in self.decoding_weights():
-            prepack(weight)
-        if self._lora_layer_modules is None:  # fixed once the adapter is injected
-            self._lora_layer_modules = [m for m in self.model.modules() if isinstance(m, GatedLoRALinear)]
-        return all([layer.prepack() for layer in self._lora_layer_modules])
-
-    def _using_packs(self) -> bool:
-        return self._pack_sessions > 0 and not torch.is_grad_enabled()
+    @kernels.setter
+    def kernels(self, value: str) -> None:
+        try:
+            choice = Kernels(value)
+        except ValueError:
+            names = ", ".join(repr(k.value) for k in Kernels)
+            raise ValueError(f"kernels must be one of {names}, got {value!r}") from None
+        self._kernels = choice
+        if choice != Kernels.PACKED:
+            self._packs.clear()  # their memory back; "packed" packs again at the next session
 
     @contextmanager
-    def packed_weights(self) -> Iterator[None]:
-        """Decoding passes inside this block multiply by packed matrices (`prepack_weights`, run on entry) when
-        the fast kernel applies (`fast_kernels` and `pack_weights`, CPU float32). The weights must not change
-        inside the block; outside it, nothing uses the packed copies of the wrapped projections."""
-        ready = self.fast_kernels and self.pack_weights and self.prepack_weights()
-        self._pack_sessions += ready  # a count, not a flag: interleaved generators end in any order
+    def decoding_session(self) -> Iterator[None]:
+        """Decoding passes inside this block multiply by packed matrices when `kernels` is "packed" (CPU
+        float32, no autograd): entering it packs what is missing or changed since the last session (1-2 ms for
+        the embedded model once packed), the passes inside read the packs without checking them again. So the
+        weights must not change inside the block; outside it, nothing packed is used. Blocks may nest and
+        interleave (several generators at once)."""
+        if self._kernels == Kernels.PACKED:
+            self._packs.refresh(self._pack_sources())
+        self._sessions += 1  # a count, not a flag: interleaved generators end in any order
         try:
             yield
         finally:
-            self._pack_sessions -= ready
+            self._sessions -= 1
+
+    packed_weights = decoding_session  # the name the decoders still use; goes once they call decoding_session
+
+    def _pack_sources(self) -> dict[Hashable, PackSource]:
+        """Every matrix decoding multiplies by, keyed as the passes look them up: `id(module)` for the output
+        head, the sampler's layers and the wrapped projections ([W; A], `GatedLoRALinear.pack_source`),
+        `_DRAFT_HEAD` for the draft vocabulary's head rows."""
+        sources: dict[Hashable, PackSource] = {}
+        head = self.model.get_output_embeddings()
+        if type(head) is nn.Linear:
+            sources[id(head)] = ([head.weight], None)
+        for layer in (self.sampler.fc1, self.sampler.fc2):
+            sources[id(layer)] = ([layer.weight], None)
+        if self._draft_head_weight is not None:
+            sources[_DRAFT_HEAD] = ([self._draft_head_weight], None)
+        if self._lora_layer_modules is None:  # fixed once the adapter is injected
+            self._lora_layer_modules = [m for m in self.model.modules() if isinstance(m, GatedLoRALinear)]
+        for layer in self._lora_layer_modules:
+            source = layer.pack_source()
+            if source is not None:
+                sources[id(layer)] = source
+        return sources
+
+    def _pass_kernel(self) -> Kernels:
+        """The kernel of a pass now: `kernels`, except that packed matrices are used only inside a decoding
+        session and without autograd (elsewhere "packed" means oneDNN on the plain matrices)."""
+        if self._kernels == Kernels.PACKED and (self._sessions == 0 or torch.is_grad_enabled()):
+            return Kernels.ONEDNN
+        return self._kernels
+
+    def _packed_matrix(self, key: Hashable, kernel: Kernels) -> torch.Tensor | None:
+        pack = self._packs.get(key) if kernel == Kernels.PACKED else None
+        return None if pack is None else pack.matrix
 
     def model_attention_mask(self, attention: torch.Tensor, query_positions: torch.Tensor,
                              key_positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | dict:
@@ -281,7 +312,9 @@ class MTPModel(nn.Module):
         """The model's own output head (with Gemma-style final soft-capping where configured)."""
         head = self.model.get_output_embeddings()
         if type(head) is nn.Linear:
-            logits = linear(hidden, head.weight, head.bias, fast=self.fast_kernels, packed=self._using_packs())
+            kernel = self._pass_kernel()
+            logits = linear(hidden, head.weight, head.bias, kernel=kernel,
+                            packed=self._packed_matrix(id(head), kernel))
         else:
             logits = head(hidden)
         return self._soft_cap(logits)
@@ -297,7 +330,7 @@ class MTPModel(nn.Module):
 
     def _sampler_hidden(self, prev_ids: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         prev = self.model.get_input_embeddings()(prev_ids).to(latents.dtype)
-        return self.sampler(prev, latents, fast_linear=self.fast_kernels, packed=self._using_packs())
+        return self.sampler(prev, latents, self._pass_kernel(), self._packs)
 
     # ------------------------------------------------------------------ draft vocabulary
     @property
@@ -315,6 +348,7 @@ class MTPModel(nn.Module):
         output stays exact (greedy) and exact in distribution (sampling). The matching head rows are kept as one
         contiguous matrix, so a draft costs a projection over len(ids) rows instead of the whole vocabulary."""
         if ids is None:
+            self._packs.drop(_DRAFT_HEAD)
             self.draft_vocab = self._draft_head_weight = self._draft_head_bias = self._draft_member = None
             return
         head = self.model.get_output_embeddings()
@@ -334,6 +368,7 @@ class MTPModel(nn.Module):
         ids = ids.to(device)
         member = torch.zeros(vocab, dtype=torch.bool, device=device)
         member[ids] = True
+        self._packs.drop(_DRAFT_HEAD)  # the old rows' pack: a session already open must not use it
         with torch.no_grad():
             self.draft_vocab = ids
             self._draft_head_weight = head.weight.detach()[ids].contiguous()
@@ -364,13 +399,14 @@ class MTPModel(nn.Module):
         if self.draft_vocab is None:
             return self.head_logits(hidden), None
         ids = self.draft_ids(extra_ids)
-        logits = linear(hidden, self._draft_head_weight, self._draft_head_bias, fast=self.fast_kernels,
-                        packed=self._using_packs())
+        kernel = self._pass_kernel()
+        logits = linear(hidden, self._draft_head_weight, self._draft_head_bias, kernel=kernel,
+                        packed=self._packed_matrix(_DRAFT_HEAD, kernel))
         extra = ids[self.draft_vocab.numel():]
         if extra.numel():  # context tokens outside the vocabulary: their few head rows, gathered per call
             head = self.model.get_output_embeddings()
             bias = head.bias[extra] if head.bias is not None else None
-            logits = torch.cat([logits, linear(hidden, head.weight[extra], bias, fast=self.fast_kernels)], dim=-1)
+            logits = torch.cat([logits, linear(hidden, head.weight[extra], bias, kernel=kernel)], dim=-1)
         return self._soft_cap(logits), ids
 
     # ------------------------------------------------------------------ generation
@@ -379,6 +415,9 @@ class MTPModel(nn.Module):
         from maskspec.decode.api import generate
 
         return generate(self, prompt, **kwargs)
+
+
+_DRAFT_HEAD = "draft_head"  # the pack key of the draft vocabulary's head rows
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> list[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from maskspec.model.kernels import linear
+from maskspec.model.kernels import Kernels, PackCache, linear
 
 
 class SamplerHead(nn.Module):
@@ -25,11 +25,17 @@ class SamplerHead(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, eps=eps, **kw)
         nn.init.zeros_(self.norm2.weight)
 
-    def forward(self, prev_embeddings: torch.Tensor, latents: torch.Tensor, fast_linear: bool = False,
-                packed: bool = False) -> torch.Tensor:
-        """Hidden state to feed the output head: (..., d) from (..., d) previous-token embeddings and latents."""
+    def forward(self, prev_embeddings: torch.Tensor, latents: torch.Tensor, kernel: Kernels = Kernels.STOCK,
+                packs: PackCache | None = None) -> torch.Tensor:
+        """Hidden state to feed the output head: (..., d) from (..., d) previous-token embeddings and latents.
+        `kernel` picks the linear kernel (`maskspec.model.kernels`); with `Kernels.PACKED` the layers multiply
+        by their packs in `packs`, keyed by `id(layer)`, where it has them."""
         x = torch.cat([prev_embeddings, latents], dim=-1)
-        kernel = {"fast": fast_linear, "packed": packed}
-        h = self.norm1(nn.functional.silu(linear(x, self.fc1.weight, self.fc1.bias, **kernel)))
-        h = self.norm2(nn.functional.silu(linear(h, self.fc2.weight, self.fc2.bias, **kernel)))
+        h = self.norm1(nn.functional.silu(self._linear(self.fc1, x, kernel, packs)))
+        h = self.norm2(nn.functional.silu(self._linear(self.fc2, h, kernel, packs)))
         return latents + h
+
+    @staticmethod
+    def _linear(layer: nn.Linear, x: torch.Tensor, kernel: Kernels, packs: PackCache | None) -> torch.Tensor:
+        pack = packs.get(id(layer)) if packs is not None and kernel == Kernels.PACKED else None
+        return linear(x, layer.weight, layer.bias, kernel=kernel, packed=None if pack is None else pack.matrix)
