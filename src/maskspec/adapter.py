@@ -15,9 +15,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -29,6 +26,7 @@ from safetensors.torch import load_file, save
 
 from maskspec import __version__
 from maskspec.errors import AdapterError
+from maskspec.files import atomic_folder, atomic_write_bytes
 from maskspec.hub import is_default_model
 
 if TYPE_CHECKING:
@@ -104,10 +102,8 @@ def shipped_adapter_available() -> bool:
     return (SHIPPED_ADAPTER_DIR / WEIGHTS_FILE).is_file() and (SHIPPED_ADAPTER_DIR / CONFIG_FILE).is_file()
 
 
-def save_adapter(mtp: "MTPModel", folder: str | Path, training: dict[str, Any] | None = None) -> Path:
-    """Write the adapter atomically: a temporary sibling folder is filled, then renamed over `folder`."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+def adapter_files(mtp: "MTPModel", training: dict[str, Any] | None = None) -> dict[str, bytes]:
+    """The files of `mtp`'s adapter folder by name, in the order they are written: the weights, then the config."""
     state = {name: t.detach().contiguous().cpu() for name, t in mtp.adapter_state_dict().items()}
     if mtp.draft_vocab is not None:
         state[DRAFT_VOCAB_KEY] = mtp.draft_vocab.detach().cpu()
@@ -119,23 +115,17 @@ def save_adapter(mtp: "MTPModel", folder: str | Path, training: dict[str, Any] |
         base_fingerprint=base_fingerprint(mtp.model), dtype=str(mtp.mask_embeddings.dtype).replace("torch.", ""),
         maskspec_version=__version__, training=training,
     )
-    # Created like any new folder and file (mode from the umask): tempfile.mkdtemp and safetensors' save_file
-    # would leave them readable by the owner only.
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        (tmp / WEIGHTS_FILE).write_bytes(save(state, metadata={"format": "pt",
-                                                               "maskspec_format": str(FORMAT_VERSION)}))
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.__dict__, indent=2) + "\n")
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return {WEIGHTS_FILE: save(state, metadata={"format": "pt", "maskspec_format": str(FORMAT_VERSION)}),
+            CONFIG_FILE: (json.dumps(config.__dict__, indent=2) + "\n").encode()}
+
+
+def save_adapter(mtp: "MTPModel", folder: str | Path, training: dict[str, Any] | None = None) -> Path:
+    """Write the adapter folder atomically: a temporary sibling folder is filled, then replaces `folder`."""
+    folder = Path(folder)
+    files = adapter_files(mtp, training)
+    with atomic_folder(folder) as tmp:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
     return folder
 
 
@@ -281,7 +271,7 @@ def check_draft_vocab(ids: torch.Tensor, vocab_size: int, where: str | Path) -> 
 
 def write_draft_vocab(folder: str | Path, ids: Sequence[int] | torch.Tensor | None, vocab_size: int) -> Path:
     """Set (or with None remove) the draft vocabulary of an existing adapter folder. The weights file is rewritten
-    atomically (a temporary file in the same folder, then a rename) and keeps its metadata and file mode."""
+    atomically and keeps its metadata and file mode."""
     folder = Path(folder)
     read_adapter_config(folder)
     path = folder / WEIGHTS_FILE
@@ -296,15 +286,5 @@ def write_draft_vocab(folder: str | Path, ids: Sequence[int] | torch.Tensor | No
         vocab = torch.unique(torch.as_tensor(ids, dtype=torch.int64).reshape(-1))
         check_draft_vocab(vocab, vocab_size, path)
         tensors[DRAFT_VOCAB_KEY] = vocab
-    mode = os.stat(path).st_mode & 0o7777
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(save(tensors, metadata=metadata))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))  # keeps the file's mode
     return path

@@ -16,7 +16,6 @@ import importlib.util
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import urllib.parse
 import urllib.request
@@ -32,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from maskspec.errors import ModelLoadError, UsageError
+from maskspec.files import atomic_folder
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -114,20 +114,11 @@ def _write_embedded_cache(target: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = DEFAULT_MODEL_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    # Another process may finish first: its complete copy is kept.
+    with atomic_folder(target, keep_existing=lambda folder: (folder / _CACHE_COMPLETE_MARKER).is_file()) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _CACHE_COMPLETE_MARKER).write_text("ok\n")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process finished first (the target is a non-empty folder): keep theirs.
-            if not (target / _CACHE_COMPLETE_MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def embedded_model_path() -> Path:

@@ -12,6 +12,7 @@ import typer
 
 from maskspec.bench.acceptance import DRAFTERS, PromptProfile, draft_matches, simulate
 from maskspec.errors import MaskspecError
+from maskspec.files import atomic_write_text
 
 ACCEPTANCE_HELP = (
     "Tokens per pass (tau) of greedy quadratic and linear decoding for k = 1..K, per domain, without a decoding "
@@ -151,11 +152,10 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
     payload = {"config": config, "system": system_info(device, mtp.dtype), "results": rows,
                "prompts": [p.to_dict() for p in profiles]}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "acceptance.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / "acceptance.json", json.dumps(payload, indent=2) + "\n")
     table = markdown(rows, mtp.k)
-    (out / "acceptance.md").write_text(
-        "# Acceptance profile (greedy decoding, tokens per pass)\n\n"
-        + "\n".join(f"- {key}: {value}" for key, value in config.items()) + "\n\n" + table, encoding="utf-8")
+    atomic_write_text(out / "acceptance.md", "# Acceptance profile (greedy decoding, tokens per pass)\n\n"
+                      + "\n".join(f"- {key}: {value}" for key, value in config.items()) + "\n\n" + table)
     console.print(table)
     console.print(f"results: {out / 'acceptance.json'}, report: {out / 'acceptance.md'}")
     return payload
@@ -176,9 +176,7 @@ def _read_answers(path: Path) -> dict[str, dict[str, Any]]:
 
 def _write_answers(path: Path, answers: dict[str, dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(answers) + "\n", encoding="utf-8")
-    partial.replace(path)  # atomic: an interrupted write never leaves a torn file behind
+    atomic_write_text(path, json.dumps(answers) + "\n")
 
 
 def register(app: typer.Typer) -> None:

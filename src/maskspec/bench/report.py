@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from maskspec.bench.runner import AR, DRAFT_MODES, HF, MASKSPEC, RunRecord
+from maskspec.files import atomic_write_text
 
 ALL = "all"
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -269,15 +270,13 @@ def write_report_md(path: Path, rows: Sequence[dict], mismatches: Sequence[dict]
         parts.append("")
     for plot in plots:
         parts += [f"![{Path(plot).stem}]({Path(plot).name})", ""]
-    path.write_text("\n".join(parts))
-    return path
+    return atomic_write_text(path, "\n".join(parts))
 
 
 def write_results_json(path: Path, rows: Sequence[dict], mismatches: Sequence[dict], system: dict,
                        config: dict) -> Path:
     payload = {"system": system, "config": config, "results": list(rows), "mismatches": list(mismatches)}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def write_plots(out: Path, rows: Sequence[dict]) -> list[Path]:
@@ -333,7 +332,4 @@ def write_plots(out: Path, rows: Sequence[dict]) -> list[Path]:
 
 
 def write_records_jsonl(path: Path, records: Sequence[RunRecord]) -> Path:
-    with path.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r.to_dict()) + "\n")
-    return path
+    return atomic_write_text(path, "".join(json.dumps(r.to_dict()) + "\n" for r in records))

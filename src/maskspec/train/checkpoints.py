@@ -7,15 +7,16 @@ An output folder holds the final adapter (adapter_config.json + adapter.safetens
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from maskspec.files import atomic_folder, atomic_write_bytes
 from maskspec.train.config import TrainConfig, TrainError
 from maskspec.train.distributed import barrier
 from maskspec.train.metrics import METRICS_FILE, TENSORBOARD_DIR
@@ -23,19 +24,6 @@ from maskspec.train.metrics import METRICS_FILE, TENSORBOARD_DIR
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 COMPLETE_MARKER = "COMPLETE"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -66,32 +54,22 @@ def save_checkpoint(out: Path, step: int, mtp, optimizer, scheduler, cfg: TrainC
 
     root = checkpoint_root(out)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
+    shared = f".tmp-step-{step:08d}"  # a fixed name, known to every process
+    writing = atomic_folder(final, temp_name=shared) if rank == 0 else nullcontext(root / shared)
+    with writing as tmp:
+        barrier()
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, tmp / f"rng-rank{rank}.pt")
+        barrier()
+        if rank == 0:
+            save_adapter(mtp, tmp / "adapter", training={"step": step, **asdict(cfg)})
+            state = {"step": step, "world_size": world, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "config": json.dumps(asdict(cfg))}
+            torch.save(state, tmp / STATE_FILE)
+            (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng-rank{rank}.pt")
-    barrier()
-    if rank == 0:
-        save_adapter(mtp, tmp / "adapter", training={"step": step, **asdict(cfg)})
-        state = {"step": step, "world_size": world, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "config": json.dumps(asdict(cfg))}
-        torch.save(state, tmp / STATE_FILE)
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
-        _fsync_dir(tmp)
-        if final.exists():  # a re-run of the same step: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
         for _, old in list_checkpoints(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -122,16 +100,12 @@ def load_checkpoint(folder: Path, mtp, optimizer, scheduler, rank: int, expected
 
 
 def write_final_adapter(mtp, out: Path, training: dict[str, Any]) -> None:
-    """Make `out` a loadable adapter folder without touching checkpoints/ and metrics next to it: the adapter
-    is saved to a temporary sibling and its two files are renamed into `out` (weights first, config last)."""
-    from maskspec.adapter import CONFIG_FILE, WEIGHTS_FILE, save_adapter
+    """Make `out` a loadable adapter folder without touching checkpoints/ and metrics next to it: each of the two
+    adapter files is replaced atomically, the weights first and the config last."""
+    from maskspec.adapter import adapter_files
 
-    tmp = out / ".final-adapter-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(mtp, tmp, training=training)
-    os.replace(tmp / WEIGHTS_FILE, out / WEIGHTS_FILE)
-    os.replace(tmp / CONFIG_FILE, out / CONFIG_FILE)
-    shutil.rmtree(tmp, ignore_errors=True)
+    for name, data in adapter_files(mtp, training).items():
+        atomic_write_bytes(out / name, data)
 
 
 # ---------------------------------------------------------------------------------------------- output folder

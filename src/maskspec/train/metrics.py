@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from maskspec.files import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -23,7 +25,7 @@ class MetricsLog:
             # After a resume, drop entries of steps that will be run again.
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
