@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from maskspec.decode.decoder import Decoder, DecodingSequence
-from maskspec.decode.stopping import context_length  # noqa: F401  (the server imports it from here for now)
 from maskspec.decode.types import GenerationOutput, GenerationStats
 from maskspec.decode.verify import SamplingConfig
 from maskspec.errors import MaskspecError
+from maskspec.messages import check_text, validate_messages
 
 if TYPE_CHECKING:
     from maskspec.model.mtp import MTPModel
@@ -43,34 +43,13 @@ def prepare_input_ids(mtp: MTPModel, prompt: Prompt, chat_template: bool = True)
             ids = tok(check_text(prompt, "the prompt"), return_tensors="pt").input_ids
         else:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            _check_messages(messages)
+            validate_messages(messages, where="messages", strict_roles=False)  # the template gets them as given
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                           return_dict=True)["input_ids"]
         return ids.to(mtp.device)
     if prompt is None or len(prompt) == 0:
         raise MaskspecError("the prompt is empty")
     return torch.tensor([list(prompt)], dtype=torch.long, device=mtp.device)
-
-
-def check_text(text: str, what: str) -> str:
-    """`text` if it is Unicode text a tokenizer can encode; lone UTF-16 surrogates (from JSON escapes, or bytes
-    that were not UTF-8 read with surrogateescape) are not. MaskspecError naming `what` otherwise."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise MaskspecError(f"{what} is not valid Unicode text: a lone surrogate or a byte that is not UTF-8 at "
-                            f"character {exc.start}") from None
-    return text
-
-
-def _check_messages(messages: list[Any]) -> None:
-    if not messages:
-        raise MaskspecError("messages is empty: give at least one message")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise MaskspecError(f"message {i} must be an object with 'role' and 'content'")
-        if isinstance(m["content"], str):
-            check_text(m["content"], f"message {i}")
 
 
 def start(mtp: MTPModel, prompt: Prompt, *, max_new_tokens: int = 256, mode: str = "quadratic",

@@ -8,10 +8,11 @@ from typing import Optional
 
 import typer
 
-from maskspec.decode.api import StreamChunk, check_text, generate, stream
+from maskspec.decode.api import StreamChunk, generate, stream
 from maskspec.decode.steps import MODES, resolve_k
 from maskspec.decode.verify import SamplingConfig, check_seed
 from maskspec.errors import MaskspecError, UsageError
+from maskspec.messages import check_text
 from maskspec.model.mtp import MTPModel
 
 

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from maskspec.decode.api import context_length
+from maskspec.decode.stopping import context_length
 from maskspec.serve.protocol import (ApiError, Completion, Params, completion_budget, failure_error,
                                      parse_chat, parse_completion)
 from maskspec.serve.scheduler import (Delta, Failure, Final, GenerationRequest, QueueFull, Scheduler,

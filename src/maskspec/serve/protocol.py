@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from maskspec.decode.api import prepare_input_ids
+from maskspec.decode.stopping import ContextLengthError, plan_budget
 from maskspec.decode.verify import SamplingConfig, check_seed
-from maskspec.errors import MaskspecError, UsageError
+from maskspec.errors import MaskspecError, PromptTooLongError, UsageError
 from maskspec.messages import MessagesError, check_text, validate_messages
 
 if TYPE_CHECKING:
@@ -227,16 +228,13 @@ def completion_budget(prompt_tokens: int, max_tokens: int | None, *, context: in
     if max_tokens is not None and max_tokens > limit:
         raise ApiError(400, f"max_tokens {max_tokens} is above this server's limit of {limit}", "max_tokens",
                        "invalid_value")
-    if n >= context:
-        raise ApiError(400, f"this model's maximum context length is {context} tokens, but the prompt has {n} "
-                            "tokens; shorten the prompt", "messages", "context_length_exceeded")
-    if max_tokens is None:
-        return min(default, limit, context - n)
-    if n + max_tokens > context:
-        raise ApiError(400, f"this model's maximum context length is {context} tokens, but you requested "
-                            f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion); "
-                            "shorten the prompt or lower max_tokens", "max_tokens", "context_length_exceeded")
-    return max_tokens
+    requested = min(default, limit) if max_tokens is None else max_tokens
+    try:  # the decoder's own rule; without max_tokens the default is cut to what fits
+        return plan_budget(n, requested, context, fit=max_tokens is None).tokens
+    except ContextLengthError as exc:
+        raise ApiError(400, str(exc), "max_tokens", "context_length_exceeded") from None
+    except PromptTooLongError as exc:
+        raise ApiError(400, str(exc), "messages", "context_length_exceeded") from None
 
 
 # ---------------------------------------------------------------------- responses
