@@ -24,10 +24,10 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from maskspec import __version__
 from maskspec.errors import AdapterError
 from maskspec.files import atomic_folder, atomic_write_bytes
 from maskspec.hub import is_default_model
+from maskspec.version import __version__
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -61,11 +61,15 @@ class AdapterConfig:
     # decoding uses when none is given. Optional; written by hand after benchmarking.
     decoding: dict[str, Any] | None = None
 
-    def mtp_config(self) -> "MTPConfig":
+    def mtp_kwargs(self) -> dict[str, Any]:
+        """The adapter's shape as keyword arguments of `MTPConfig`."""
+        return {"k": self.k, "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "target_modules": list(self.target_modules)}
+
+    def mtp_config(self) -> "MTPConfig":  # removed once model/mtp.py uses mtp_kwargs
         from maskspec.model.mtp import MTPConfig
 
-        return MTPConfig(k=self.k, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                         target_modules=list(self.target_modules))
+        return MTPConfig(**self.mtp_kwargs())
 
 
 def base_fingerprint(model: "PreTrainedModel") -> str:
@@ -100,6 +104,12 @@ def resolve_adapter(adapter: str | Path | None, model: str | None) -> Path | Non
 
 def shipped_adapter_available() -> bool:
     return (SHIPPED_ADAPTER_DIR / WEIGHTS_FILE).is_file() and (SHIPPED_ADAPTER_DIR / CONFIG_FILE).is_file()
+
+
+def shipped_adapter_for(model: str | None) -> str | None:
+    """The adapter that goes with `model` when none is given: "default" (the shipped one) for the embedded default
+    model when this installation ships it, else None."""
+    return DEFAULT_ADAPTER if is_default_model(model) and shipped_adapter_available() else None
 
 
 def adapter_files(mtp: "MTPModel", training: dict[str, Any] | None = None) -> dict[str, bytes]:

@@ -13,7 +13,7 @@ try:  # typer carries its own copy of click; the parse errors are its classes
 except ImportError:  # older typer: plain click
     from click import exceptions as click_errors
 
-from maskspec import __version__
+from maskspec.version import __version__
 from maskspec.errors import MaskspecError
 
 app = typer.Typer(help="Several tokens per forward pass from a Hugging Face causal LM, with identical output.",

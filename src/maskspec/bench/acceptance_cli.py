@@ -104,11 +104,11 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
-    from maskspec.adapter import shipped_adapter_available
+    from maskspec.adapter import shipped_adapter_for
     from maskspec.bench.cli import check_choices, check_out_folder, split_option
     from maskspec.bench.runner import DRAFT_MODES, system_info
     from maskspec.bench.suites import load_suite, select_prompts
-    from maskspec.hub import is_default_model, resolve_device
+    from maskspec.hub import resolve_device
     from maskspec.model.mtp import MTPModel
     from maskspec.progress import PromptProgress
 
@@ -120,9 +120,9 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
     if max_new_tokens < 2:
         raise MaskspecError(f"--max-new-tokens must be at least 2, got {max_new_tokens}")
     if adapter is None:
-        if not (is_default_model(model) and shipped_adapter_available()):
+        adapter = shipped_adapter_for(model)
+        if adapter is None:
             raise MaskspecError(f"no adapter ships for model {model!r}; pass --adapter FOLDER (from `maskspec train`)")
-        adapter = "default"
     prompts = select_prompts(load_suite(suite), split_option(domains) or None, n)
     out = Path(out) if out is not None else Path("bench-results") / f"acceptance-{time.strftime('%Y%m%d-%H%M%S')}"
     check_out_folder(out, "acceptance.json", "acceptance")

@@ -235,7 +235,7 @@ def system_info(device: torch.device | str, dtype: torch.dtype | str) -> dict[st
 
     import transformers
 
-    from maskspec import __version__
+    from maskspec.version import __version__
 
     cpu = platform.processor() or platform.machine()
     try:
