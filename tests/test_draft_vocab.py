@@ -254,7 +254,7 @@ def test_adapter_round_trip_with_and_without_draft_vocab(tmp_path):
     stored = load_file(str(with_vocab / "adapter.safetensors"))["draft_vocab"]
     assert stored.dtype == torch.int64 and stored.tolist() == [2, 3, 7, 90]
 
-    other = MTPModel(tiny_model("llama", dtype=torch.float64), config=read_adapter_config(with_vocab).mtp_config())
+    other = MTPModel(tiny_model("llama", dtype=torch.float64), config=MTPConfig(**read_adapter_config(with_vocab).mtp_kwargs()))
     load_adapter(other, with_vocab)
     assert other.draft_vocab.tolist() == [2, 3, 7, 90]
     assert torch.equal(other._draft_head_weight, other.model.get_output_embeddings().weight[[2, 3, 7, 90]])

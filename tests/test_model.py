@@ -176,7 +176,7 @@ def test_adapter_round_trip(tmp_path):
     for key in ("format_version", "k", "rank", "alpha", "target_modules", "sampler_shape", "base_model",
                 "base_fingerprint", "dtype"):
         assert key in cfg
-    other = MTPModel(tiny_model("qwen2"), config=read_adapter_config(folder).mtp_config())
+    other = MTPModel(tiny_model("qwen2"), config=MTPConfig(**read_adapter_config(folder).mtp_kwargs()))
     load_adapter(other, folder)
     for (n1, t1), (n2, t2) in zip(mtp.adapter_state_dict().items(), other.adapter_state_dict().items()):
         assert n1 == n2 and torch.equal(t1, t2)
@@ -196,12 +196,16 @@ def test_adapter_decoding_defaults_pick_k(tmp_path):
     folder = mtp.save_adapter(tmp_path / "ad")
     assert mtp.default_k == 3  # nothing measured: the adapter's k
     cfg_path = folder / "adapter_config.json"
-    for recorded, expected in (({"cpu": {"k": 2, "measured": "bench"}}, 2), ({"cuda": {"k": 1}}, 3),
-                               ({"cpu": {"k": 9}}, 3), ({"cpu": "fast"}, 3)):
+    for recorded, expected in (({"cpu": {"k": 9}}, None), ({"cpu": "fast"}, None),
+                               ({"cpu": {"k": 2, "measured": "bench"}}, 2), ({"cuda": {"k": 1}}, 3)):
         cfg = json.loads(cfg_path.read_text())
         cfg["decoding"] = recorded
         cfg_path.write_text(json.dumps(cfg))
-        other = MTPModel(tiny_model("llama"), config=read_adapter_config(folder).mtp_config())
+        if expected is None:  # a recommendation the adapter cannot follow is a broken config, said at once
+            with pytest.raises(AdapterError, match="decoding.cpu"):
+                read_adapter_config(folder)
+            continue
+        other = MTPModel(tiny_model("llama"), config=MTPConfig(**read_adapter_config(folder).mtp_kwargs()))
         load_adapter(other, folder)
         assert other.default_k == expected, recorded
     # Decoding without k uses it: the histogram of accepted drafts has default_k + 1 bins.
@@ -358,7 +362,6 @@ def test_kernels_switch_checks_its_value():
             mtp.kernels = bad
         assert mtp.kernels == "stock"  # unchanged
     assert not hasattr(mtp, "fast_kernels") and not hasattr(mtp, "pack_weights")
-    assert MTPModel.packed_weights is MTPModel.decoding_session  # the decoders' old name, for now
 
 
 def test_stock_kernels_never_call_onednn(monkeypatch):

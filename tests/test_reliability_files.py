@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from maskspec.cli import main
-from maskspec.train.trainer import TrainConfig, TrainError, list_checkpoints, train
+from maskspec.train.checkpoints import list_checkpoints
+from maskspec.train.config import TrainConfig, TrainError
+from maskspec.train.trainer import train
 
 from train_helpers import single_thread, synthetic_examples, tiny_mtp
 

@@ -32,7 +32,7 @@ from maskspec.version import __version__
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from maskspec.model.mtp import MTPConfig, MTPModel
+    from maskspec.model.mtp import MTPModel
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
@@ -65,11 +65,6 @@ class AdapterConfig:
         """The adapter's shape as keyword arguments of `MTPConfig`."""
         return {"k": self.k, "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
                 "target_modules": list(self.target_modules)}
-
-    def mtp_config(self) -> "MTPConfig":  # removed once model/mtp.py uses mtp_kwargs
-        from maskspec.model.mtp import MTPConfig
-
-        return MTPConfig(**self.mtp_kwargs())
 
 
 def base_fingerprint(model: "PreTrainedModel") -> str:

@@ -77,7 +77,7 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
-    from maskspec.adapter import read_adapter_config, resolve_adapter, shipped_adapter_available
+    from maskspec.adapter import read_adapter_config, resolve_adapter, shipped_adapter_for
     from maskspec.bench import report
     from maskspec.bench.runner import (BASELINES, MODES, BenchRunner, BenchSettings, build_methods,
                                        system_info)
@@ -118,7 +118,7 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
         notes.append("--adapter none: drafting with an UNTRAINED adapter. Outputs must still equal hf greedy, but "
                      "tau stays near 1; use it to check the pipeline, not to measure acceptance.")
     elif adapter is None:
-        if is_default_model(model) and shipped_adapter_available():
+        if shipped_adapter_for(model) is not None:
             adapter_used = "default"
         else:
             drafting = False

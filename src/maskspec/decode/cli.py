@@ -10,6 +10,7 @@ import typer
 
 from maskspec.decode.api import StreamChunk, generate, stream
 from maskspec.decode.steps import MODES, resolve_k
+from maskspec.loading import load_for_decoding
 from maskspec.decode.verify import SamplingConfig, check_seed
 from maskspec.errors import MaskspecError, UsageError
 from maskspec.messages import check_text
@@ -18,31 +19,12 @@ from maskspec.model.mtp import MTPModel
 
 def load_for_cli(model: str, adapter: Optional[str], mode: str, dtype: str, device: str,
                  quiet: bool = False, k: Optional[int] = None) -> tuple[MTPModel, str]:
-    """Load the model with the adapter the user asked for, or the shipped default adapter where there is one.
-    Without any adapter, speculative modes fall back to `ar` with a notice. `--k` is checked against the adapter's
-    config before the model loads (and against the loaded adapter after). Returns (model, effective mode)."""
-    from maskspec.adapter import read_adapter_config, resolve_adapter, shipped_adapter_available
-    from maskspec.hub import is_default_model, parse_dtype, resolve_device
-
-    device = resolve_device(device)
-    parse_dtype(dtype)
-    if k is not None and k < 1:
-        raise UsageError(f"--k must be at least 1, got {k}")
-    if adapter is None and is_default_model(model) and shipped_adapter_available():
-        adapter = "default"
-    if adapter is None and mode != "ar":
+    """`loading.load_for_decoding` with its notice printed on stderr (unless `quiet`)."""
+    def notice(message: str) -> None:
         if not quiet:
-            typer.secho(f"notice: no adapter given and none ships for model {model!r}; decoding with --mode ar "
-                        "(plain, one token per pass). Train one with `maskspec train`.", err=True,
-                        fg=typer.colors.YELLOW)
-        mode = "ar"
-    if adapter is not None and k is not None and mode != "ar":
-        adapter_k = read_adapter_config(resolve_adapter(adapter, model)).k
-        if k > adapter_k:
-            raise UsageError(f"--k must be in 1..{adapter_k} (the adapter's k), got {k}")
-    mtp = MTPModel.from_pretrained(model, adapter=adapter, dtype=dtype, device=device)
-    resolve_k(mtp, mode, k)
-    return mtp, mode
+            typer.secho(f"notice: {message}", err=True, fg=typer.colors.YELLOW)
+
+    return load_for_decoding(model, adapter, mode=mode, k=k, dtype=dtype, device=device, notice=notice)
 
 
 def check_sampling(temperature: float, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None) -> None:

@@ -156,7 +156,7 @@ class Decoder:
     def session(self) -> Iterator["Decoder"]:
         """Steps inside this block share one decoding session of the model (packed CPU matrices checked once on
         entry, not per step). The weights must not change inside it."""
-        with self.mtp.packed_weights():
+        with self.mtp.decoding_session():
             self._sessions += 1
             try:
                 yield self

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from maskspec.adapter import load_adapter, read_adapter_config, resolve_adapter, save_adapter, shipped_adapter_for
+from maskspec.hub import load_model_and_tokenizer
 from maskspec.model.gated_lora import DEFAULT_TARGET_MODULES, GatedLoRALinear, GateState, inject_gated_lora
 from maskspec.model.kernels import Kernels, PackCache, PackSource, linear
 from maskspec.model.layout import Layout, apply_sliding_window
@@ -103,20 +105,14 @@ class MTPModel(nn.Module):
                         device: str | torch.device = "cpu", attn_implementation: str = "sdpa") -> "MTPModel":
         """Load a base model (HF id, folder or `default`) and attach an adapter folder or a fresh adapter.
         `adapter="default"` takes the adapter shipped for the embedded model."""
-        from maskspec.adapter import load_adapter, read_adapter_config, resolve_adapter
-        from maskspec.hub import load_model_and_tokenizer
-
         adapter_path = resolve_adapter(adapter, model)
         if adapter is None and config is None:
-            from maskspec.adapter import shipped_adapter_available
-            from maskspec.hub import is_default_model
-
-            if is_default_model(model) and shipped_adapter_available():
+            if shipped_adapter_for(model) is not None:
                 warnings.warn("MTPModel.from_pretrained: no adapter given, so the mask tokens, LoRA and sampler are "
                               "untrained (about one token per pass). Pass adapter='default' for the shipped one.",
                               UserWarning, stacklevel=2)
         if adapter_path is not None:
-            config = read_adapter_config(adapter_path).mtp_config()
+            config = MTPConfig(**read_adapter_config(adapter_path).mtp_kwargs())
         base, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device,
                                                    attn_implementation=attn_implementation)
         mtp = cls(base, tokenizer, config, model_name=base.config.name_or_path)
@@ -126,13 +122,9 @@ class MTPModel(nn.Module):
         return mtp
 
     def save_adapter(self, folder: str | Path) -> Path:
-        from maskspec.adapter import save_adapter
-
         return save_adapter(self, folder)
 
     def load_adapter(self, folder: str | Path) -> None:
-        from maskspec.adapter import load_adapter
-
         load_adapter(self, folder)
 
     # ------------------------------------------------------------------ parameters
@@ -250,7 +242,6 @@ class MTPModel(nn.Module):
         finally:
             self._sessions -= 1
 
-    packed_weights = decoding_session  # the name the decoders still use; goes once they call decoding_session
 
     def _pack_sources(self) -> dict[Hashable, PackSource]:
         """Every matrix decoding multiplies by, keyed as the passes look them up: `id(module)` for the output

@@ -26,12 +26,10 @@ TOPICS = ["the ocean", "a small town", "prime numbers", "the history of tea", "l
 
 
 def load(model: str, adapter: str | None, k: int, dtype: str, device: str) -> tuple[object, str]:
-    from maskspec.adapter import shipped_adapter_available
-    from maskspec.hub import is_default_model
+    from maskspec.adapter import shipped_adapter_for
     from maskspec.model.mtp import MTPConfig, MTPModel, randomize_adapter_
 
-    if adapter is None and is_default_model(model) and shipped_adapter_available():
-        adapter = "default"
+    adapter = adapter if adapter is not None else shipped_adapter_for(model)
     if adapter is not None:
         return MTPModel.from_pretrained(model, adapter=adapter, dtype=dtype, device=device), f"adapter {adapter}"
     mtp = MTPModel.from_pretrained(model, config=MTPConfig(k=k, rank=16), dtype=dtype, device=device)
