@@ -7,7 +7,7 @@ turn, alternating which goes first (ABBA), and waits between hand-overs so one w
 asleep before the other starts. Both trees must give the same tokens (it is checked).
 
     python scripts/compare_versions.py --before /path/to/old/src --after src [--prompts 2] [--max-new-tokens 64]
-        [--methods ar,1,2,4] [--rounds 2] [--loadtest 1,4,16] [--json out.json]
+        [--methods ar,1,2,4] [--rounds 2] [--loadtest 1,4,16 --loadtest-requests 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--pause", type=float, default=0.5, help="seconds between hand-overs")
     p.add_argument("--loadtest", default="", help="client counts for the server load test (quadratic and ar)")
     p.add_argument("--loadtest-max-tokens", type=int, default=32)
+    p.add_argument("--loadtest-requests", type=int, default=1, help="requests per client in each cell")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -84,7 +85,7 @@ def main() -> None:
     from maskspec.bench.suites import load_suite, select_prompts
 
     prompts = select_prompts(load_suite(DEV_SUITE if DEV_SUITE.is_file() else None), ["math", "code"], args.prompts)
-    methods = [("ar", None) if m == "ar" else ("quadratic", int(m)) for m in args.methods.split(",")]
+    methods = [("ar", None) if m == "ar" else ("quadratic", int(m)) for m in args.methods.split(",") if m]
     workers = {"before": Worker(args.before, args.threads), "after": Worker(args.after, args.threads)}
     steps: dict = {(name, m): [] for name in workers for m in methods}
     load_rows: list = []
@@ -104,23 +105,25 @@ def main() -> None:
                     if tokens["before"] != tokens["after"]:
                         raise SystemExit(f"the trees' tokens differ on {prompt.id} {method}")
                     order.reverse()
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+            if methods:
+                print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         for mode in ("quadratic", "ar") if args.loadtest else ():
             for clients in [int(c) for c in args.loadtest.split(",")]:
                 for name in order:
                     time.sleep(args.pause)
-                    row = workers[name].ask({"loadtest": {"mode": mode, "clients": clients, "requests": 1,
-                                                          "max_tokens": args.loadtest_max_tokens,
-                                                          "max_batch": 16}})
+                    job = {"mode": mode, "clients": clients, "requests": args.loadtest_requests,
+                           "max_tokens": args.loadtest_max_tokens, "max_batch": 16}
+                    row = workers[name].ask({"loadtest": job})
                     load_rows.append({"tree": name, **row})
                 order.reverse()
     finally:
         for w in workers.values():
             w.close()
 
-    print(f"{len(prompts)} prompts (math, code) x {args.rounds} rounds, {args.max_new_tokens} new tokens, "
-          f"{args.threads} threads; median ms per decoding step; identical tokens in both trees")
-    print("| method | before | after | after / before |\n|---|---:|---:|---:|")
+    if methods:
+        print(f"{len(prompts)} prompts (math, code) x {args.rounds} rounds, {args.max_new_tokens} new tokens, "
+              f"{args.threads} threads; median ms per decoding step; identical tokens in both trees")
+        print("| method | before | after | after / before |\n|---|---:|---:|---:|")
     table = []
     for method in methods:
         b, a = (statistics.median(steps[(n, method)]) for n in ("before", "after"))
@@ -128,7 +131,9 @@ def main() -> None:
         table.append({"method": label, "before_ms": round(b, 2), "after_ms": round(a, 2), "ratio": round(a / b, 4)})
         print(f"| {label} | {b:.1f} | {a:.1f} | {a / b:.3f} |")
     if load_rows:
-        print("\n| mode | clients | before tokens/s | after tokens/s | after / before |\n|---|---:|---:|---:|---:|")
+        print(f"\nserver load test: {args.loadtest_requests} request(s) per client, {args.loadtest_max_tokens} tokens "
+              "each, max batch 16")
+        print("| mode | clients | before tokens/s | after tokens/s | after / before |\n|---|---:|---:|---:|---:|")
         for mode in ("quadratic", "ar"):
             for clients in [int(c) for c in args.loadtest.split(",")]:
                 cell = {r["tree"]: r for r in load_rows if r["mode"] == mode and r["clients"] == clients}

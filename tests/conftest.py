@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from maskspec import hub
 from maskspec.decode.decoder import Decoder
 from maskspec.decode.drafters import DraftProposal
 from maskspec.model.mtp import MTPConfig, MTPModel, randomize_adapter_
@@ -14,6 +15,33 @@ from maskspec.testing import tiny_model
 
 # Tiny test models run fastest on one thread; MASKSPEC_TEST_THREADS raises it.
 torch.set_num_threads(int(os.environ.get("MASKSPEC_TEST_THREADS", "1")))
+
+# Fixtures that load the embedded model or its tokenizer: a test using one is `slow` whether marked or not.
+EMBEDDED_FIXTURES = {"smollm", "served_files"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if EMBEDDED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+_EMBEDDED_MODEL_PATH = hub.embedded_model_path
+
+
+def _refuse_embedded_model(*args, **kwargs):
+    raise AssertionError("this test loads the embedded model or its tokenizer: mark it @pytest.mark.slow")
+
+
+def pytest_runtest_setup(item):
+    """`make test-fast` (-m "not slow") stays fast: a test not marked slow that reaches the embedded model or its
+    tokenizer, in its body or in a fixture it sets up, fails and names the fix."""
+    slow = item.get_closest_marker("slow") is not None
+    hub.embedded_model_path = _EMBEDDED_MODEL_PATH if slow else _refuse_embedded_model
+
+
+def pytest_runtest_teardown(item):
+    hub.embedded_model_path = _EMBEDDED_MODEL_PATH
 
 
 @pytest.fixture(scope="session")

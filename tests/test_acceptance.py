@@ -107,6 +107,7 @@ def _check_simulated_passes(mtp, prompts, vocab):
         assert restricted > 0 and from_context > 0
 
 
+@pytest.mark.slow  # the embedded model's tokenizer
 def test_acceptance_cli(tmp_path, monkeypatch):
     from maskspec.cli import app
     from maskspec.model.mtp import MTPConfig, MTPModel, randomize_adapter_
@@ -153,6 +154,7 @@ def test_acceptance_cli(tmp_path, monkeypatch):
     assert broken.exit_code != 0 and "--answers" in str(broken.exception)
 
 
+@pytest.mark.slow  # the embedded model's tokenizer
 def test_acceptance_cli_with_draft_vocab(tmp_path):
     from maskspec.adapter import write_draft_vocab
     from maskspec.cli import app

@@ -50,6 +50,7 @@ def bench_app() -> typer.Typer:
     return app
 
 
+@pytest.mark.slow  # the embedded model's tokenizer
 def test_bench_end_to_end(tiny_folders, tmp_path):
     model_dir, adapter_dir = tiny_folders
     out = tmp_path / "out"
@@ -99,6 +100,7 @@ def test_bench_end_to_end(tiny_folders, tmp_path):
     assert "Tokens per forward pass (tau)" in report and "| math |" in report
 
 
+@pytest.mark.slow  # the embedded model's tokenizer
 def test_bench_without_adapter_runs_baselines_and_ar(tiny_folders, tmp_path):
     model_dir, _ = tiny_folders
     out = tmp_path / "out"

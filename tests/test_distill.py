@@ -50,6 +50,7 @@ def _cfg(prompts, out, model, **kw):
                          temperature=1.0, seed=5, progress=False, device="cpu", **kw)
 
 
+@pytest.mark.slow  # the embedded model's tokenizer
 def test_distill_records_resume_and_determinism(tmp_path, prompts, chat_model):
     ref = tmp_path / "ref.jsonl"
     stats = distill(_cfg(prompts, ref, chat_model))
@@ -91,6 +92,16 @@ def test_prompt_selection(tmp_path, prompts):
     assert sorted(r["id"] for r in shuffled) == sorted(r["id"] for r in picked)  # same prompts
     assert [r["id"] for r in shuffled] != [r["id"] for r in picked]  # another order
     assert shuffled == select_prompts(rows, per_domain=2, shuffle=True, seed=0)
+    # Domain-balanced: the domains take turns, so every prefix is balanced while a domain has prompts left.
+    balanced = select_prompts(rows, balanced=True, seed=0)
+    assert sorted(r["id"] for r in balanced) == sorted(r["id"] for r in rows)
+    counts = {d: sum(r["domain"] == d for r in rows) for d in {r["domain"] for r in rows}}
+    fair = min(counts.values()) * len(counts)
+    for n in range(1, fair + 1):
+        prefix = [r["domain"] for r in balanced[:n]]
+        assert max(prefix.count(d) for d in counts) - min(prefix.count(d) for d in counts) <= 1, prefix
+    assert balanced == select_prompts(rows, balanced=True, seed=0)
+    assert balanced != select_prompts(rows, balanced=True, seed=1)
 
 
 def test_done_ids_reject_corrupt_middle_line(tmp_path):
@@ -100,6 +111,7 @@ def test_done_ids_reject_corrupt_middle_line(tmp_path):
         load_done_ids(out)
 
 
+@pytest.mark.slow  # the embedded model's tokenizer
 def test_cli_distill_then_train(tmp_path, prompts, chat_model, capsys):
     data = tmp_path / "d.jsonl"
     _run(["distill", "--model", str(chat_model), "--prompts", str(prompts), "--out", str(data),
@@ -121,6 +133,7 @@ def test_cli_distill_then_train(tmp_path, prompts, chat_model, capsys):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow  # the embedded model's tokenizer
 def test_cli_errors_are_one_line(tmp_path, prompts, chat_model, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(prompts.read_text() + '{"id": "x", "messages": 5}\n')

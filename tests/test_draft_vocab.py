@@ -254,7 +254,8 @@ def test_adapter_round_trip_with_and_without_draft_vocab(tmp_path):
     stored = load_file(str(with_vocab / "adapter.safetensors"))["draft_vocab"]
     assert stored.dtype == torch.int64 and stored.tolist() == [2, 3, 7, 90]
 
-    other = MTPModel(tiny_model("llama", dtype=torch.float64), config=MTPConfig(**read_adapter_config(with_vocab).mtp_kwargs()))
+    other = MTPModel(tiny_model("llama", dtype=torch.float64),
+                     config=MTPConfig(**read_adapter_config(with_vocab).mtp_kwargs()))
     load_adapter(other, with_vocab)
     assert other.draft_vocab.tolist() == [2, 3, 7, 90]
     assert torch.equal(other._draft_head_weight, other.model.get_output_embeddings().weight[[2, 3, 7, 90]])
@@ -357,6 +358,7 @@ def _run_cli(args, capsys):
     return exc.value.code, out.out, out.err
 
 
+@pytest.mark.slow  # the embedded model's tokenizer
 def test_draft_vocab_cli_end_to_end(tmp_path, capsys):
     from maskspec.hub import load_model_and_tokenizer
     from maskspec.train.draft_vocab import draft_vocab_from_records

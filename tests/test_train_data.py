@@ -37,6 +37,7 @@ def _spans(labelled):
     return spans
 
 
+@pytest.mark.slow  # the embedded model's tokenizer
 def test_assistant_tokens_only(tokenizer):
     ids, labelled = assistant_mask(tokenizer, CHAT, [tokenizer.eos_token_id])
     assert ids == tokenizer(tokenizer.apply_chat_template(CHAT, tokenize=False), add_special_tokens=False)["input_ids"]
@@ -49,6 +50,7 @@ def test_assistant_tokens_only(tokenizer):
         assert tokenizer.decode(ids[:a]) == prompt
 
 
+@pytest.mark.slow  # the embedded model's tokenizer
 def test_load_records_and_truncation(tmp_path, tokenizer):
     path = tmp_path / "d.jsonl"
     long = {"id": "long", "messages": [{"role": "user", "content": "Tell me."},

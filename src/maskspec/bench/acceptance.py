@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from maskspec.bench.runner import DRAFT_MODES
+from maskspec.decode.steps import DRAFT_MODES
 from maskspec.model.layout import build_layout
 from maskspec.model.mtp import MTPModel
 

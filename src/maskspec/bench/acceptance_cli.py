@@ -106,7 +106,8 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
 
     from maskspec.adapter import shipped_adapter_for
     from maskspec.bench.cli import check_choices, check_out_folder, split_option
-    from maskspec.bench.runner import DRAFT_MODES, system_info
+    from maskspec.bench.runner import system_info
+    from maskspec.decode.steps import DRAFT_MODES
     from maskspec.bench.suites import load_suite, select_prompts
     from maskspec.hub import resolve_device
     from maskspec.model.mtp import MTPModel

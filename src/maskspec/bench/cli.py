@@ -79,9 +79,9 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
 
     from maskspec.adapter import read_adapter_config, resolve_adapter, shipped_adapter_for
     from maskspec.bench import report
-    from maskspec.bench.runner import (BASELINES, MODES, BenchRunner, BenchSettings, build_methods,
-                                       system_info)
+    from maskspec.bench.runner import BASELINES, BenchRunner, BenchSettings, build_methods, system_info
     from maskspec.bench.suites import load_suite, select_prompts
+    from maskspec.decode.steps import MODES
     from maskspec.decode.verify import SamplingConfig
     from maskspec.hub import is_default_model, parse_dtype, resolve_device
     from maskspec.model.mtp import MTPConfig, MTPModel

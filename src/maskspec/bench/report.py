@@ -24,7 +24,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from maskspec.bench.runner import AR, DRAFT_MODES, HF, MASKSPEC, RunRecord
+from maskspec.bench.runner import AR, HF, MASKSPEC, RunRecord
+from maskspec.decode.steps import DRAFT_MODES
 from maskspec.files import atomic_write_text
 
 ALL = "all"

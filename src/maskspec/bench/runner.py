@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from maskspec.bench.suites import BenchPrompt
-from maskspec.decode.steps import DRAFT_MODES, MODES  # noqa: F401  (the bench's modes are the decoder's)
+from maskspec.decode.steps import DRAFT_MODES
 from maskspec.decode.stopping import cut_at_eos
 from maskspec.errors import MaskspecError
 

@@ -8,9 +8,9 @@ the acceptance checks all drive this class. Each step:
    to itself) and runs one pass;
 2. verifies every sequence's drafts with the base head over its normal rows (`verify.py`: greedy or rejection
    sampling), so its output is the base model's;
-3. keeps y0 and the accepted drafts in the KV cache (`kv.keep_verified`) and drops the rest;
-4. applies the stop rules (`stopping.Stopping`: EOS, budget, context, stop strings);
-5. asks the drafter for the next drafts from the mask block after each sequence's last verified token.
+3. applies the stop rules (`stopping.Stopping`: EOS, budget, context, stop strings);
+4. asks the drafter for the next drafts from the mask block after each sequence's last verified token;
+5. keeps y0 and the accepted drafts in the KV cache (`kv.keep_verified`) and drops the rest.
 
 Newcomers are prefilled in a pass of their own (right-padded prompts), then their cache is merged with the running
 one (`kv.merge`); finished sequences leave the batch (`kv.select`). A failure in one sequence's own work (its
@@ -112,17 +112,20 @@ class Decoder:
     # ------------------------------------------------------------------ public
     def add(self, prompt_ids: Sequence[int], max_new_tokens: int, *, sampling: SamplingConfig | None = None,
             seed: int | None = None, eos_token_ids: Iterable[int] | None = None, stop: Sequence[str] = (),
-            tag: Any = None) -> DecodingSequence:
+            detokenize: bool = True, tag: Any = None) -> DecodingSequence:
         """Queue a sequence; it is prefilled at the next `step`. The budget is cut to the context window (finish
-        reason "context"); a prompt that does not fit raises PromptTooLongError."""
+        reason "context"); a prompt that does not fit raises PromptTooLongError. Without `detokenize` the events
+        carry no text (cheaper when only tokens are wanted; stop strings need the text)."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise UsageError("the prompt is empty")
+        if stop and not detokenize:
+            raise UsageError("stop strings need the text: leave detokenize on")
         sampling = sampling or SamplingConfig()
         generator = new_generator(sampling, seed, self.mtp.device)
         eos = frozenset(self.mtp.eos_token_ids if eos_token_ids is None else eos_token_ids)
         budget = plan_budget(len(prompt_ids), int(max_new_tokens), self.context_length)
-        stopping = Stopping(eos, budget, list(stop), self.mtp.tokenizer)
+        stopping = Stopping(eos, budget, list(stop), self.mtp.tokenizer if detokenize else None)
         seq = DecodingSequence(next(self._ids), prompt_ids, sampling, generator, stopping, tag)
         seq.stats.prompt_tokens = len(prompt_ids)
         seq.stats.accepted_histogram = [0] * (self.k + 1)
@@ -214,6 +217,7 @@ class Decoder:
             if not s.finished:
                 wanting.append((b, len(s.prompt_ids) - 1, first))
         self._propose(seqs, hidden, layouts, wanting)
+        _settle(events)
         cache = kv.keep_verified(cache, [0] * len(seqs), 0, [len(s.prompt_ids) for s in seqs])
         elapsed = time.perf_counter() - start
         for s in seqs:
@@ -259,6 +263,7 @@ class Decoder:
             if not s.finished:
                 wanting.append((b, accepted, bonus))
         self._propose(seqs, hidden, layouts, wanting)
+        _settle(events)
         self.cache = kv.keep_verified(cache, old_lens, physical, keep)
         for b, s in enumerate(seqs):
             s.cache_len = old_lens[b] + keep[b]
@@ -361,6 +366,12 @@ class Decoder:
             self.cache = None
             return
         self.cache = kv.select(self.cache, keep, max(s.cache_len for s in self.running))
+
+
+def _settle(events: list[StepEvent]) -> None:
+    """Drafting comes after the events are made and can fail a sequence: their `finished` follows it."""
+    for event in events:
+        event.finished = event.sequence.finished
 
 
 def pad_rows_attention(count: int, device: torch.device | str) -> torch.Tensor:

@@ -16,7 +16,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     prompt_tokens: int = 0
-    finish_reason: str = ""  # "length" | "eos" | "stop" | "context"
+    finish_reason: str = ""  # one of decode.stopping.FINISH_REASONS
 
     @property
     def tokens_per_pass(self) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -107,6 +108,8 @@ class Scheduler:
         self._stop = False
         self._paused = False
         self._running = False
+        self._session = contextlib.ExitStack()  # the decoder's session while there is work
+        self._in_session = False
         self.thread = threading.Thread(target=self._run, name="maskspec-scheduler", daemon=True)
 
     # ------------------------------------------------------------------ control
@@ -165,6 +168,7 @@ class Scheduler:
             log.exception("the scheduler stopped")
             raise
         finally:
+            self._session.close()
             with self.cond:
                 self._running = False
                 orphans = list(self.waiting) + self.active
@@ -177,6 +181,8 @@ class Scheduler:
         """One round: admit, drop cancelled requests, one decoding step. False once stopped."""
         try:
             with self.cond:
+                if not self._has_work():
+                    self._session.close()  # idle: the next request opens a new session
                 while not self._stop and not self._has_work():
                     self.cond.wait()
                 if self._stop:
@@ -188,9 +194,14 @@ class Scheduler:
                     self.metrics.finished.inc(1, "cancelled")
                     self.active.remove(req)
             if self.decoder.has_work():
+                if not self._in_session:  # held across steps while there is work: packs checked once
+                    self._session.enter_context(self.decoder.session())
+                    self._session.callback(setattr, self, "_in_session", False)
+                    self._in_session = True
                 self._step()
         except Exception as exc:  # keep serving: fail the requests of this batch, start a fresh decoder
             log.exception("decoding step failed")
+            self._session.close()
             with self.cond:
                 failed, self.active = self.active, []
                 self.decoder = Decoder(self.mtp, mode=self.mode, k=self.k)

@@ -29,13 +29,17 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Longest answer in tokens."),
         temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
         top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (temperature > 0)."),
-        batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generate call (left padded)."),
+        batch_size: int = typer.Option(8, "--batch-size", help="Prompts decoded together (a finished one is "
+                                       "replaced by the next at once)."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Answer only the first N selected prompts."),
         per_domain: Optional[int] = typer.Option(None, "--per-domain", help="A seeded sample of N prompts per "
                                                  "domain (a domain-balanced subset)."),
         shuffle: bool = typer.Option(False, "--shuffle", help="Answer the prompts in a seeded random order, so "
                                      "that a run stopped early (time limit) has a mix of all domains."),
-        seed: int = typer.Option(0, "--seed", help="Seed of sampling, --per-domain and --shuffle."),
+        balanced: bool = typer.Option(False, "--balanced", help="Answer the prompts in a domain-balanced order "
+                                      "(the domains take turns, each in a seeded random order), so that any prefix "
+                                      "of the output has every domain about equally."),
+        seed: int = typer.Option(0, "--seed", help="Seed of sampling, --per-domain, --shuffle and --balanced."),
         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N, mps or auto (default: "
                                              "auto, cuda if available)."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32 (default) or bf16."),
@@ -45,7 +49,8 @@ def register(app: typer.Typer) -> None:
 
         stats = distill(DistillConfig(prompts=str(prompts), out=str(out), model=model, max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_p=top_p, batch_size=batch_size, limit=limit,
-                                      per_domain=per_domain, shuffle=shuffle, seed=seed, device=device, dtype=dtype,
+                                      per_domain=per_domain, shuffle=shuffle, balanced=balanced, seed=seed,
+                                      device=device, dtype=dtype,
                                       progress=progress))
         note = " (repaired a partial last line)" if stats.repaired_partial_line else ""
         typer.echo(f"{out}: {stats.written} records written, {stats.already_done} already there, "

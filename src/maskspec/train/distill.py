@@ -2,8 +2,14 @@
 
 Training on the model's own answers matches what it will be asked to predict when decoding (method.md §3).
 
-Resumable and deterministic: prompts are cut into fixed batches (by position in the selected prompt list) and
-batch i is generated with a seed derived from (seed, i), so a run that was interrupted and resumed writes the
+Answers come from maskspec's own decoder in mode `ar` (plain decoding, token-identical to greedy `generate` in
+float64; in float32 its kernels round differently in the last bits, see the README): up to `batch_size` sequences
+decode together and a finished one leaves the batch at once, its place taken by the next prompt (continuous
+batching), so no pass is spent on answers that have ended. Prompts are admitted by length within windows of the
+selected order (less padding in a prefill), and records are written in the selected order.
+
+Resumable and deterministic: each prompt is sampled with its own generator, seeded from (seed, prompt id), so its
+answer does not depend on which prompts share its batch, and a run that was interrupted and resumed writes the
 same records as an uninterrupted one. Each record is one `write` of a whole line followed by a flush; on resume,
 ids already in the output are skipped and a trailing partial line (a killed writer) is cut off. A file that is
 not distill output is refused before anything is written to it.
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from maskspec.decode.stopping import cut_at_eos, openai_finish_reason
 from maskspec.errors import UsageError
 from maskspec.train.data import DataError, _render, check_messages, iter_jsonl
 
@@ -36,6 +44,7 @@ class DistillConfig:
     limit: int | None = None
     per_domain: int | None = None
     shuffle: bool = False
+    balanced: bool = False
     seed: int = 0
     device: str | None = None
     dtype: str | None = None
@@ -51,10 +60,11 @@ class DistillStats:
 
 
 def select_prompts(records: Sequence[dict[str, Any]], *, per_domain: int | None = None, limit: int | None = None,
-                   shuffle: bool = False, seed: int = 0) -> list[dict[str, Any]]:
+                   shuffle: bool = False, balanced: bool = False, seed: int = 0) -> list[dict[str, Any]]:
     """Optionally a seeded sample of `per_domain` prompts from each domain (file order kept), optionally put in a
-    seeded random order (so that a run stopped early has answered a mix of all domains), then the first
-    `limit`."""
+    seeded random order (`shuffle`: a run stopped early has answered a mix of all domains) or in a domain-balanced
+    one (`balanced`: the domains take turns, each in its own seeded random order, so any prefix holds about as
+    many prompts of every domain that has any left), then the first `limit`."""
     chosen = list(records)
     if per_domain is not None:
         by_domain: dict[str, list[int]] = defaultdict(list)
@@ -70,6 +80,13 @@ def select_prompts(records: Sequence[dict[str, Any]], *, per_domain: int | None 
     if shuffle:
         order = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(seed + 7)).tolist()
         chosen = [chosen[i] for i in order]
+    if balanced:
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in chosen:
+            groups[str(r.get("domain", ""))].append(r)
+        gen = torch.Generator().manual_seed(seed + 11)
+        queues = [[g[i] for i in torch.randperm(len(g), generator=gen).tolist()] for _, g in sorted(groups.items())]
+        chosen = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
     if limit is not None:
         chosen = chosen[:limit]
     return chosen
@@ -178,49 +195,60 @@ def _check_out_path(out: Path, prompts: Path) -> None:
         raise DataError(f"--out {out} is the --prompts file; distill appends answers to --out: choose another file")
 
 
-def _batch_seed(seed: int, batch_index: int) -> int:
-    return (seed * 1_000_003 + batch_index * 7919 + 1) % (2**62)
+def distill_record(prompt: dict[str, Any], answer: str, settings: dict[str, Any], finish_reason: str,
+                   new_tokens: int) -> dict[str, Any]:
+    """The chat record distillation writes for `prompt` (read_prompts' form) answered with `answer`: the prompt's
+    fields, its messages plus the assistant answer, and a `distill` object (the `settings` it was made with: model,
+    temperature, top_p, max_new_tokens, seed; and its finish reason and new token count, EOS included)."""
+    return {"id": prompt["id"], **{k: v for k, v in prompt.items() if k not in ("id", "messages")},
+            "messages": prompt["messages"] + [{"role": "assistant", "content": answer}],
+            "distill": {**settings, "finish_reason": finish_reason, "new_tokens": new_tokens}}
 
 
-@torch.no_grad()
-def generate_batch(model, tokenizer, prompts: Sequence[list[dict[str, str]]], *, max_new_tokens: int,
-                   temperature: float, top_p: float, eos_token_ids: Sequence[int], pad_token_id: int,
-                   seed: int) -> list[tuple[str, str, int]]:
-    """Answer a batch of chats (left-padded, one `generate` call): (text, finish_reason, new token count) each."""
-    from transformers import GenerationConfig
+def _prompt_seed(seed: int, prompt_id: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(prompt_id.encode("utf-8"))) % (2**62)
 
-    ids = [_render(tokenizer, p, add_generation_prompt=True) for p in prompts]
-    width = max(len(x) for x in ids)
-    device = next(model.parameters()).device
-    input_ids = torch.full((len(ids), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, width - len(x):] = torch.tensor(x)
-        attention[i, width - len(x):] = 1
-    sample = temperature > 0
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample,
-                               temperature=temperature if sample else None, top_p=top_p if sample else None,
-                               top_k=None, eos_token_id=list(eos_token_ids), pad_token_id=pad_token_id)
-    torch.manual_seed(seed)
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                         generation_config=gen_cfg)
-    eos = set(eos_token_ids)
-    results = []
-    for row in out[:, width:].tolist():
-        stop = next((j for j, t in enumerate(row) if t in eos), None)
-        tokens = row if stop is None else row[:stop]
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        results.append((text, "length" if stop is None else "stop", len(tokens) + (stop is not None)))
-    return results
+
+# Prompts are admitted shortest first within windows of this many batches of the selected order.
+ADMISSION_WINDOW = 8
+
+
+def admission_order(lengths: Sequence[int], batch_size: int) -> list[int]:
+    """Indices of the prompts in the order they join the decoder: the selected order cut into windows of
+    ADMISSION_WINDOW * batch_size prompts, each window sorted by prompt length (stable), so that prompts decoded
+    together have similar lengths while a partial run still covers the selected order's start."""
+    window = ADMISSION_WINDOW * batch_size
+    order: list[int] = []
+    for start in range(0, len(lengths), window):
+        order += sorted(range(start, min(start + window, len(lengths))), key=lambda i: lengths[i])
+    return order
+
+
+class _InOrderWriter:
+    """Writes finished records in the selected order: one that finishes early waits for those before it."""
+
+    def __init__(self, f: Any, positions: Sequence[int]) -> None:
+        self.f, self.waiting, self.order, self.next = f, {}, list(positions), 0
+
+    def add(self, position: int, line: str) -> int:
+        self.waiting[position] = line
+        written = 0
+        while self.next < len(self.order) and self.order[self.next] in self.waiting:
+            self.f.write(self.waiting.pop(self.order[self.next]))  # one write per whole record
+            self.f.flush()
+            self.next += 1
+            written += 1
+        return written
 
 
 def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
     """Answer the selected prompts with the base model and append chat records to `cfg.out` (see module doc)."""
     from tqdm.auto import tqdm
 
+    from maskspec.decode.decoder import Decoder
     from maskspec.decode.verify import SamplingConfig
     from maskspec.hub import load_model_and_tokenizer, parse_dtype, resolve_device
-    from maskspec.model.mtp import _eos_ids
+    from maskspec.model.mtp import MTPConfig, MTPModel, _eos_ids
 
     # Every option and the output path are checked before anything is read, written or loaded.
     if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
@@ -234,7 +262,7 @@ def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
     parse_dtype(cfg.dtype)
     _check_out_path(Path(cfg.out), Path(cfg.prompts))
     selected = select_prompts(read_prompts(cfg.prompts), per_domain=cfg.per_domain, limit=cfg.limit,
-                              shuffle=cfg.shuffle, seed=cfg.seed)
+                              shuffle=cfg.shuffle, balanced=cfg.balanced, seed=cfg.seed)
     done, repaired = load_done_ids(cfg.out)
     stats = DistillStats(selected=len(selected), already_done=sum(r["id"] in done for r in selected),
                          repaired_partial_line=repaired)
@@ -245,38 +273,41 @@ def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
     if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"model {cfg.model!r} has no tokenizer with a chat template; distill needs a chat model")
     eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     model_name = getattr(model.config, "name_or_path", "") or cfg.model
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
 
+    settings = {"model": model_name, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+    todo = [i for i, r in enumerate(selected) if r["id"] not in done]
+    prompt_ids = {i: _render(tokenizer, selected[i]["messages"], add_generation_prompt=True) for i in todo}
+    sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p)
+    mtp = MTPModel(model, tokenizer, MTPConfig(k=1, rank=1))  # mode ar: the adapter is never used
+    decoder = Decoder(mtp, mode="ar")
+    queue = [todo[i] for i in admission_order([len(prompt_ids[i]) for i in todo], cfg.batch_size)]
+    queue.reverse()  # popped from the end
     bar = tqdm(total=len(selected), initial=stats.already_done, disable=not cfg.progress, desc="distill",
                dynamic_ncols=True)
     try:
-        with open(cfg.out, "a", encoding="utf-8") as f:
-            for b in range(0, len(selected), cfg.batch_size):
-                batch = selected[b:b + cfg.batch_size]
-                if all(r["id"] in done for r in batch):
-                    continue
-                # The whole fixed batch is generated again (same seed, same padding) so that the missing records
-                # come out exactly as in an uninterrupted run; only the missing ones are written.
-                answers = generate_batch(model, tokenizer, [r["messages"] for r in batch],
-                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                         top_p=cfg.top_p, eos_token_ids=eos, pad_token_id=pad,
-                                         seed=_batch_seed(cfg.seed, b // cfg.batch_size))
-                for record, (text, finish, n_new) in zip(batch, answers):
-                    if record["id"] in done:
+        with open(cfg.out, "a", encoding="utf-8") as f, decoder.session():
+            writer = _InOrderWriter(f, todo)
+            while queue or decoder.has_work():
+                while queue and decoder.active < cfg.batch_size:
+                    i = queue.pop()
+                    decoder.add(prompt_ids[i], cfg.max_new_tokens, sampling=sampling, eos_token_ids=eos,
+                                seed=_prompt_seed(cfg.seed, selected[i]["id"]), detokenize=False, tag=i)
+                for event in decoder.step():
+                    if not event.finished:
                         continue
-                    out = {"id": record["id"], **{k: v for k, v in record.items() if k not in ("id", "messages")},
-                           "messages": record["messages"] + [{"role": "assistant", "content": text}],
-                           "distill": {"model": model_name, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                                       "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
-                                       "finish_reason": finish, "new_tokens": n_new}}
-                    f.write(json.dumps(out, ensure_ascii=False) + "\n")  # one write per whole record
-                    f.flush()
-                    done.add(record["id"])
-                    stats.written += 1
-                    bar.update(1)
-                os.fsync(f.fileno())
+                    seq, record = event.sequence, selected[event.sequence.tag]
+                    if seq.error is not None:
+                        raise DataError(f"decoding prompt {record['id']} failed: {seq.error}")
+                    tokens, hit_eos = cut_at_eos(seq.output, eos)
+                    text = tokenizer.decode(tokens[:-1] if hit_eos else tokens, skip_special_tokens=True)
+                    out = distill_record(record, text, settings, openai_finish_reason(seq.finish_reason), len(tokens))
+                    written = writer.add(seq.tag, json.dumps(out, ensure_ascii=False) + "\n")
+                    stats.written += written
+                    bar.update(written)
+            os.fsync(f.fileno())
     finally:
         bar.close()
     return stats
