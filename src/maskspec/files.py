@@ -135,3 +135,12 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def blocking_parent(path: str | Path) -> Path | None:
+    """The nearest existing ancestor of `path` when it is not a folder (so `path` could never be created), else
+    None. Callers turn it into their own one-line error."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None

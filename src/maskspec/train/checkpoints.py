@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from maskspec.files import atomic_folder, atomic_write_bytes
+from maskspec.files import atomic_folder, atomic_write_bytes, blocking_parent
 from maskspec.train.config import TrainConfig, TrainError
 from maskspec.train.distributed import barrier
 from maskspec.train.metrics import METRICS_FILE, TENSORBOARD_DIR
@@ -122,11 +122,9 @@ def check_output_folder(cfg: TrainConfig) -> None:
     out = Path(cfg.out)
     if cfg.resume and cfg.overwrite:
         raise TrainError("--resume continues the run in --out, --overwrite replaces it: pass only one of them")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise TrainError(f"--out {out}: {parent} is not a folder; choose another --out")
-            break
+    parent = blocking_parent(out)
+    if parent is not None:
+        raise TrainError(f"--out {out}: {parent} is not a folder; choose another --out")
     if not out.exists():
         return
     if not out.is_dir():

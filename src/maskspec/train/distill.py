@@ -29,6 +29,7 @@ import torch
 
 from maskspec.decode.stopping import cut_at_eos, openai_finish_reason
 from maskspec.errors import UsageError
+from maskspec.files import blocking_parent
 from maskspec.train.data import DataError, _render, check_messages, iter_jsonl
 
 
@@ -183,11 +184,9 @@ def _check_out_path(out: Path, prompts: Path) -> None:
     """--out must be a file path (missing or a file) that is not the prompt file."""
     if out.exists() and not out.is_file():
         raise DataError(f"--out {out} is not a file; distill writes a JSONL file: choose a file path for --out")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DataError(f"--out {out}: {parent} is not a folder; choose another --out")
-            break
+    parent = blocking_parent(out)
+    if parent is not None:
+        raise DataError(f"--out {out}: {parent} is not a folder; choose another --out")
     same = out.resolve() == prompts.resolve()
     if not same and out.exists() and prompts.exists():
         same = os.path.samefile(out, prompts)
