@@ -78,3 +78,18 @@ def test_sliding_window_rule():
     assert not (windowed & (q - kpos >= 3)).any()
     assert torch.equal(windowed, layout.attention & (q - kpos < 3))
     assert windowed[5, 3] and not windowed[5, 2]  # x5 (pos 5) sees pos 3 but not pos 2
+
+
+def test_pad_rows_see_only_themselves_in_training_batches_and_decoding_steps():
+    from maskspec.model.layout import pad_rows_attention
+    from maskspec.train.data import Example, make_batch
+
+    assert torch.equal(pad_rows_attention(3), torch.eye(3, dtype=torch.bool))
+    short = Example(torch.tensor([5, 6, 7]), torch.tensor([False, True, True]))
+    long = Example(torch.tensor([5, 6, 7, 8, 9, 10]), torch.tensor([False, True, True, True, True, True]))
+    batch = make_batch([short, long], k=2)
+    r = int((batch.position_ids[0] != 0).sum()) + 1  # the short example's real rows (position 0 is its first)
+    att = batch.attention[0]
+    assert att[r:, r:].equal(pad_rows_attention(att.shape[0] - r))
+    assert not att[r:, :r].any() and not att[:r, r:].any()
+    assert att.any(dim=-1).all()  # no row of the matrix is all False

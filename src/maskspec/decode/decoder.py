@@ -41,7 +41,7 @@ from maskspec.decode.types import GenerationStats
 from maskspec.decode.verify import (SamplingConfig, accept_greedy, accept_sampling, new_generator, sample,
                                     warped_probs)
 from maskspec.errors import UsageError
-from maskspec.model.layout import Layout, build_layout
+from maskspec.model.layout import Layout, build_layout, pad_rows_attention
 
 if TYPE_CHECKING:
     from maskspec.model.mtp import MTPModel
@@ -372,12 +372,6 @@ def _settle(events: list[StepEvent]) -> None:
     """Drafting comes after the events are made and can fail a sequence: their `finished` follows it."""
     for event in events:
         event.finished = event.sequence.finished
-
-
-def pad_rows_attention(count: int, device: torch.device | str) -> torch.Tensor:
-    """Attention among `count` pad rows: each sees only itself, so no row of the matrix is all False (which
-    would give NaN in the softmax); pad outputs are ignored."""
-    return torch.eye(count, dtype=torch.bool, device=device)
 
 
 def _first_token(logits: torch.Tensor, s: DecodingSequence) -> int:

@@ -123,6 +123,13 @@ def _attention(head: torch.Tensor, slot: torch.Tensor, gate: torch.Tensor, past_
     return torch.cat([past, current], dim=1)
 
 
+def pad_rows_attention(count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Attention among `count` rows that pad a layout to a batch's width: each sees only itself, so no row of the
+    matrix is all False (which would give NaN in the softmax); pad rows see nothing else and nothing sees them,
+    and their outputs are ignored (training batches and decoding steps alike)."""
+    return torch.eye(count, dtype=torch.bool, device=device)
+
+
 def apply_sliding_window(attention: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor,
                          window: int) -> torch.Tensor:
     """Restrict `attention` to keys with query_pos - key_pos < window (the rule the HF models implement)."""

@@ -252,7 +252,7 @@ def make_batch(examples: Sequence[Example], k: int, *, block_fraction: float = 1
     """Build the one-pass training layout (method.md §3) of each example and pad them into one batch.
     `seeds[i]` seeds example i's block subset, so the choice does not depend on batch composition."""
     from maskspec.model.layout import (IGNORE_INDEX, build_layout, consistency_anchor_rows, default_block_heads,
-                                       training_labels)
+                                       pad_rows_attention, training_labels)
 
     parts = []
     for i, ex in enumerate(examples):
@@ -273,8 +273,7 @@ def make_batch(examples: Sequence[Example], k: int, *, block_fraction: float = 1
     token_ids = torch.full((b, rows), pad_token_id, dtype=torch.long)
     mask_slot = torch.full((b, rows), -1, dtype=torch.long)
     position_ids = torch.zeros((b, rows), dtype=torch.long)
-    # Pad rows see only themselves, so no attention row is all-False (SDPA would give NaN there).
-    attention = torch.eye(rows, dtype=torch.bool).repeat(b, 1, 1)
+    attention = torch.zeros((b, rows, rows), dtype=torch.bool)
     labels = torch.full((b, rows), IGNORE_INDEX, dtype=torch.long)
     prev_ids = torch.zeros((b, rows), dtype=torch.long)
     anchors = torch.full((b, rows), -1, dtype=torch.long)
@@ -285,6 +284,7 @@ def make_batch(examples: Sequence[Example], k: int, *, block_fraction: float = 1
         mask_slot[i, :r] = layout.mask_slot
         position_ids[i, :r] = layout.position_ids
         attention[i, :r, :r] = layout.attention
+        attention[i, r:, r:] = pad_rows_attention(rows - r)
         labels[i, :r] = lab
         prev_ids[i, :r] = prev
         anchors[i, :r] = torch.where(anchor >= 0, anchor + i * rows, anchor)
