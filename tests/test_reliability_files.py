@@ -117,6 +117,7 @@ def test_distill_refuses_a_folder_and_the_prompt_file(tmp_path, prompts, capsys)
     (["--limit", "-1"], "--limit"), (["--per-domain", "0"], "--per-domain"),
     (["--temperature", "-1"], "temperature"), (["--temperature", "nan"], "temperature"),
     (["--top-p", "5"], "top_p"), (["--batch-size", "0"], "--batch-size"), (["--device", "tpu"], "device"),
+    (["--seed", str(2**64)], "seed"),
 ])
 def test_distill_bad_options_fail_before_anything_is_touched(option, expected, tmp_path, prompts, capsys):
     # The output of a killed run: a valid run would repair (truncate) its last line, a refused one must not.

@@ -81,7 +81,7 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
     from maskspec.bench.runner import BASELINES, BenchRunner, BenchSettings, build_methods, system_info
     from maskspec.bench.suites import load_suite, select_prompts
     from maskspec.decode.steps import MODES
-    from maskspec.decode.verify import SamplingConfig
+    from maskspec.decode.verify import SamplingConfig, check_seed
     from maskspec.hub import is_default_model, parse_dtype, resolve_device
     from maskspec.model.mtp import MTPConfig, MTPModel
     from maskspec.progress import PromptProgress
@@ -97,6 +97,7 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
     if repeats < 1:
         raise MaskspecError(f"--repeats must be at least 1, got {repeats}")
     SamplingConfig(temperature=temperature)
+    check_seed(seed)
     if prompt_lookup_tokens < 1:
         raise MaskspecError(f"--prompt-lookup-tokens must be at least 1, got {prompt_lookup_tokens}")
     prompts = select_prompts(load_suite(suite), split_option(domains) or None, n)
