@@ -93,3 +93,38 @@ def test_pad_rows_see_only_themselves_in_training_batches_and_decoding_steps():
     assert att[r:, r:].equal(pad_rows_attention(att.shape[0] - r))
     assert not att[r:, :r].any() and not att[:r, r:].any()
     assert att.any(dim=-1).all()  # no row of the matrix is all False
+
+
+def test_tree_attention_and_positions_table():
+    # y0 with two children (a, b); a has a child c. A block of k=2 after c and after b. Normals first.
+    #        y0(0)
+    #       /     \
+    #    a(1)     b(2)
+    #     |
+    #    c(3)
+    layout = build_layout(4, [3, 2], 2, parents=[-1, 0, 0, 1], normals_first=True, past_length=2)
+    assert layout.position_ids.tolist() == [2, 3, 3, 4, 4, 5, 5, 6]  # y0 a b c | M1 M2 (b) | M1 M2 (c)
+    a = layout.attention[:, 2:].int().tolist()  # without the 2 cached columns (all visible)
+    assert a == [
+        [1, 0, 0, 0, 0, 0, 0, 0],  # y0
+        [1, 1, 0, 0, 0, 0, 0, 0],  # a: y0 and itself
+        [1, 0, 1, 0, 0, 0, 0, 0],  # b: never its sibling a
+        [1, 1, 0, 1, 0, 0, 0, 0],  # c: its path y0 a c
+        [1, 0, 1, 0, 1, 0, 0, 0],  # M1 of b: b's path
+        [1, 0, 1, 0, 1, 1, 0, 0],  # M2 of b
+        [1, 1, 0, 1, 0, 0, 1, 0],  # M1 of c: c's path, not b's block
+        [1, 1, 0, 1, 0, 0, 1, 1],
+    ]
+    assert layout.attention[:, :2].all()
+    chain = build_layout(4, [3, 2], 2, normals_first=True, past_length=2)
+    assert torch.equal(build_layout(4, [3, 2], 2, parents=[-1, 0, 1, 2], normals_first=True, past_length=2)
+                       .attention, chain.attention)  # a chain given as parents is the chain
+
+
+def test_tree_parents_are_checked():
+    import pytest
+
+    with pytest.raises(ValueError, match="earlier node"):
+        build_layout(3, [], 1, parents=[-1, 2, 0])
+    with pytest.raises(ValueError, match="one entry per normal token"):
+        build_layout(3, [], 1, parents=[-1, 0])

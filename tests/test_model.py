@@ -124,6 +124,39 @@ def test_one_pass_layout_equals_separate_prefix_forwards(arch):
             torch.testing.assert_close(hidden[layout.block_rows(h)], alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_tree_step_equals_separate_forwards_of_each_path(arch):
+    """A draft tree after y0 in one pass, after a cached prompt: every node's latent equals a plain forward of
+    prompt + its path, and every mask block equals a forward of prompt + the node's path + that block."""
+    from transformers import DynamicCache
+
+    k = 2
+    mtp = _random_mtp(arch, k=k, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 128, (1, 6), generator=gen)
+    parents = [-1, 0, 0, 1, 1, 2, 3, 6]  # y0; a, b; a's children c, d; b's child e; c -> f -> g
+    tokens = torch.randint(3, 128, (1, len(parents)), generator=gen)
+    heads = [0, 2, 4, 5, 7]  # blocks after y0, b, d, e and the deepest node g
+    with torch.no_grad():
+        cache = mtp.forward_layout(prompt, build_layout(6, [], k), use_cache=True).past_key_values
+        tree = build_layout(len(parents), heads, k, past_length=6, parents=parents, normals_first=True)
+        hidden = mtp.forward_layout(tokens, tree, past_key_values=cache).hidden[0]
+        for node in range(len(parents)):
+            path = [node]
+            while parents[path[-1]] >= 0:
+                path.append(parents[path[-1]])
+            path.reverse()
+            ids = torch.cat([prompt, tokens[:, path]], dim=1)
+            alone_layout = build_layout(ids.shape[1], [ids.shape[1] - 1] if node in heads else [], k)
+            alone = mtp.forward_layout(ids, alone_layout).hidden[0]
+            torch.testing.assert_close(hidden[tree.normal_rows()[node]], alone[alone_layout.normal_rows()[-1]],
+                                       atol=1e-6, rtol=0)
+            if node in heads:
+                torch.testing.assert_close(hidden[tree.block_rows(node)],
+                                           alone[alone_layout.block_rows(ids.shape[1] - 1)], atol=1e-6, rtol=0)
+    assert isinstance(cache, DynamicCache)
+
+
 def test_only_adapter_parameters_get_gradients():
     mtp = _random_mtp("llama")
     ids = torch.randint(3, 128, (1, 8))

@@ -12,6 +12,10 @@ The rule, for a block of k masks after normal token x_h (position p):
 - every row sees the cached past (tokens decoded in earlier steps);
 - with sliding-window attention a key is visible only when query_pos - key_pos < window.
 
+The normal tokens can also form a tree (`parents`: a draft tree after y0): a node sits at its depth's position
+and sees its ancestors and itself; a mask block after node h sees h's path and, causally, its own block. A chain
+is the tree where every node's parent is the one before it.
+
 Rows can be ordered in two ways. `interleaved` puts each block right after its head (the training layout of
 method.md §3); `normals_first` puts every normal token first and all blocks after them (decoding: the verified
 tokens are then a contiguous prefix of the step, so the KV cache is cropped, never gathered). Physical order
@@ -71,11 +75,13 @@ def build_layout(
     past_length: int = 0,
     start_position: int | None = None,
     normals_first: bool = False,
+    parents: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
 ) -> Layout:
     """Layout for `num_normal` chained normal tokens (positions start_position, start_position+1, ...) with a
     block of `k` masks after each normal index in `block_heads`, following a cache of `past_length` tokens.
-    `start_position` defaults to `past_length`."""
+    `start_position` defaults to `past_length`. With `parents` (parents[i] < i; -1 for the root(s)) the normal
+    tokens form a tree instead of a chain: node i sits at start_position + its depth."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     heads = sorted(set(int(h) for h in block_heads))
@@ -105,17 +111,40 @@ def build_layout(
     mask_slot_t = torch.tensor(mask_slot, dtype=torch.long, device=device)
     head_t = torch.tensor(head, dtype=torch.long, device=device)
     gate = mask_slot_t >= 0
-    # A normal row sits at start + i; mask j (slot j-1) of head h at start + h + j.
-    position_ids = start + head_t + torch.where(gate, mask_slot_t + 1, torch.zeros_like(mask_slot_t))
-    attention = _attention(head_t, mask_slot_t, gate, past_length)
+    depth, ancestor = _tree(num_normal, parents, device)
+    # A normal row sits at start + depth(i) (= i in a chain); mask j (slot j-1) of head h at start + depth(h) + j.
+    position_ids = start + depth[head_t] + torch.where(gate, mask_slot_t + 1, torch.zeros_like(mask_slot_t))
+    attention = _attention(head_t, mask_slot_t, gate, past_length, ancestor)
     return Layout(normal_index_t, mask_slot_t, head_t, position_ids, gate, attention, past_length, k)
 
 
-def _attention(head: torch.Tensor, slot: torch.Tensor, gate: torch.Tensor, past_length: int) -> torch.Tensor:
+def _tree(num_normal: int, parents: Sequence[int] | None, device: torch.device | str
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(depth of every normal token, ancestor[i, j] = j is i or an ancestor of i); None for a chain, whose
+    ancestor relation is j <= i."""
+    if parents is None:
+        return torch.arange(num_normal, device=device), None
+    if len(parents) != num_normal:
+        raise ValueError(f"parents needs one entry per normal token ({num_normal}), got {len(parents)}")
+    depth = [0] * num_normal
+    ancestor = torch.eye(num_normal, dtype=torch.bool)
+    for i, p in enumerate(int(p) for p in parents):
+        if not -1 <= p < i:
+            raise ValueError(f"parents[{i}] must be -1 or an earlier node, got {p}")
+        if p >= 0:
+            depth[i] = depth[p] + 1
+            ancestor[i] |= ancestor[p]
+    return torch.tensor(depth, dtype=torch.long, device=device), ancestor.to(device)
+
+
+def _attention(head: torch.Tensor, slot: torch.Tensor, gate: torch.Tensor, past_length: int,
+               ancestor: torch.Tensor | None = None) -> torch.Tensor:
     q_head, k_head = head[:, None], head[None, :]
     q_mask, k_mask = gate[:, None], gate[None, :]
-    # Normal keys: visible to any row whose head is at or after them (normal rows: causal; masks: up to the head).
-    sees_normal = ~k_mask & (k_head <= q_head)
+    # Normal keys: visible to any row whose head is the key or descends from it (normal rows: their path; masks:
+    # their head's path). In a chain that is k_head <= q_head.
+    on_path = (k_head <= q_head) if ancestor is None else ancestor[q_head, k_head]
+    sees_normal = ~k_mask & on_path
     # Mask keys: visible only to masks of the same block, up to and including themselves.
     sees_mask = k_mask & q_mask & (k_head == q_head) & (slot[None, :] <= slot[:, None])
     current = sees_normal | sees_mask
