@@ -27,6 +27,11 @@ def load_for_cli(model: str, adapter: Optional[str], mode: str, dtype: str, devi
     return load_for_decoding(model, adapter, mode=mode, k=k, dtype=dtype, device=device, notice=notice)
 
 
+def check_tree(tree: int, mode: str) -> None:
+    if tree and mode != "quadratic":
+        raise UsageError(f"--tree needs --mode quadratic (a mask block after every node), got --mode {mode}")
+
+
 def check_sampling(temperature: float, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None) -> None:
     """The decoders' own checks of the sampling options, run before a model is loaded."""
     SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
@@ -62,6 +67,8 @@ def register(app: typer.Typer) -> None:
         mode: str = typer.Option("quadratic", "--mode", callback=check_mode, help="quadratic | linear | ar"),
         k: Optional[int] = typer.Option(None, "--k", help="Drafts per step (default: the k the adapter's config "
                                                           "recommends for this device, else its k)."),
+        tree: int = typer.Option(0, "--tree", min=0, help="Draft trees of up to N nodes (greedy, mode quadratic; "
+                                                      "0: a chain)."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=0),
         temperature: float = typer.Option(0.0, "--temperature", "-t"),
         top_p: float = typer.Option(1.0, "--top-p"),
@@ -74,6 +81,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate an answer to PROMPT, several tokens per forward pass."""
         check_sampling(temperature, top_p, top_k, seed)
+        check_tree(tree, mode)
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
 
         def show(chunk: StreamChunk) -> None:
@@ -82,13 +90,15 @@ def register(app: typer.Typer) -> None:
                 sys.stdout.flush()
 
         out = generate(mtp, prompt, streamer=show, max_new_tokens=max_new_tokens, mode=mode, k=k,
-                       temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed)
+                       temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
+                       tree=tree if mode == "quadratic" else 0)
         s = out.stats
         if as_json:
             print(json.dumps({"text": out.text, "new_tokens": s.new_tokens, "forward_passes": s.forward_passes,
                               "tokens_per_pass": round(s.tokens_per_pass, 4), "seconds": round(s.seconds, 4),
                               "tokens_per_second": round(s.tokens_per_second, 2), "mode": mode,
-                              "k": resolve_k(mtp, mode, k) or None, "finish_reason": s.finish_reason,
+                              "k": resolve_k(mtp, mode, k) or None, "tree": tree if mode == "quadratic" else 0,
+                              "finish_reason": s.finish_reason,
                               "accepted_histogram": s.accepted_histogram}))
         else:
             sys.stdout.write("\n")
@@ -101,6 +111,7 @@ def register(app: typer.Typer) -> None:
         adapter: Optional[str] = typer.Option(None, "--adapter", "-a"),
         mode: str = typer.Option("quadratic", "--mode", callback=check_mode),
         k: Optional[int] = typer.Option(None, "--k"),
+        tree: int = typer.Option(0, "--tree", min=0, help="Draft trees of up to N nodes (0: a chain)."),
         max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1),
         temperature: float = typer.Option(0.0, "--temperature", "-t"),
         system: Optional[str] = typer.Option(None, "--system", help="System message."),
@@ -109,6 +120,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Interactive multi-turn chat. /reset clears the history, /exit quits, Ctrl-C stops an answer."""
         check_sampling(temperature)
+        check_tree(tree, mode)
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
         history: list[dict] = [{"role": "system", "content": system}] if system else []
         typer.secho("maskspec chat: /reset clears the conversation, /exit quits, Ctrl-C stops an answer.",
@@ -132,7 +144,7 @@ def register(app: typer.Typer) -> None:
             sys.stdout.write("assistant> ")
             try:
                 for chunk in stream(mtp, history, max_new_tokens=max_new_tokens, mode=mode, k=k,
-                                    temperature=temperature):
+                                    temperature=temperature, tree=tree if mode == "quadratic" else 0):
                     answer += chunk.text
                     stats = chunk.stats
                     sys.stdout.write(chunk.text)

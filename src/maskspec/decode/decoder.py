@@ -34,12 +34,12 @@ import torch
 from transformers import DynamicCache
 
 from maskspec.decode import kv
-from maskspec.decode.drafters import DraftContext, Drafter, DraftProposal, DraftRequest, SamplerChain
-from maskspec.decode.steps import block_heads, drafts_within_budget, resolve_k
+from maskspec.decode.drafters import DraftContext, Drafter, DraftProposal, DraftRequest, SamplerChain, TreeDrafter
+from maskspec.decode.steps import block_heads, drafts_within_budget, layout_parents, resolve_k
 from maskspec.decode.stopping import FinishReason, Stopping, context_length, plan_budget
 from maskspec.decode.types import GenerationStats
-from maskspec.decode.verify import (SamplingConfig, accept_greedy, accept_sampling, new_generator, sample,
-                                    warped_probs)
+from maskspec.decode.verify import (SamplingConfig, accept_greedy, accept_greedy_tree, accept_sampling,
+                                    new_generator, sample, warped_probs)
 from maskspec.errors import UsageError
 from maskspec.model.layout import Layout, build_layout, pad_rows_attention
 
@@ -94,14 +94,21 @@ class StepEvent:
 class Decoder:
     """Decodes one or many sequences together: `add` queues a sequence, `step` runs one pass over the running
     sequences (plus one prefill pass over newcomers) and reports what each gained. `drafter` proposes the drafts
-    (default: the sampler chain)."""
+    (default: the sampler chain; with `tree` > 0, draft trees of up to that many nodes, `TreeDrafter`)."""
 
     def __init__(self, mtp: "MTPModel", mode: str = "quadratic", k: int | None = None,
-                 drafter: Drafter | None = None) -> None:
+                 drafter: Drafter | None = None, tree: int = 0, tree_width: int = 2) -> None:
         self.mtp = mtp
         self.mode = mode
         self.k = resolve_k(mtp, mode, k)
-        self.drafter: Drafter = drafter if drafter is not None else SamplerChain(mtp)
+        if tree < 0:
+            raise UsageError(f"tree must be >= 0 (0: a chain), got {tree}")
+        if tree and mode != "quadratic":
+            raise UsageError("draft trees need mode quadratic (a mask block after every node)")
+        self.tree = tree
+        if drafter is None:
+            drafter = TreeDrafter(mtp, tree, tree_width) if tree else SamplerChain(mtp)
+        self.drafter: Drafter = drafter
         self.running: list[DecodingSequence] = []
         self.pending: list[DecodingSequence] = []
         self.cache: DynamicCache | None = None  # batch order = self.running
@@ -218,7 +225,7 @@ class Decoder:
                 wanting.append((b, len(s.prompt_ids) - 1, first))
         self._propose(seqs, hidden, layouts, wanting)
         _settle(events)
-        cache = kv.keep_verified(cache, [0] * len(seqs), 0, [len(s.prompt_ids) for s in seqs])
+        cache = kv.keep_verified(cache, [0] * len(seqs), 0, [range(len(s.prompt_ids)) for s in seqs])
         elapsed = time.perf_counter() - start
         for s in seqs:
             s.cache_len = len(s.prompt_ids)
@@ -235,11 +242,10 @@ class Decoder:
         seqs = self.running
         drafts_of, specs = [], []
         for s in seqs:
-            n = drafts_within_budget(s.proposal.tokens, s.max_new_tokens - len(s.output))
-            drafts = DraftProposal(s.proposal.tokens[:n], s.proposal.probs[:n])
+            drafts = drafts_within_budget(s.proposal, s.max_new_tokens - len(s.output))
             drafts_of.append(drafts)
             tokens = [s.y0] + drafts.tokens
-            specs.append((tokens, block_heads(self.mode, self.k, len(tokens), prefill=False)))
+            specs.append((tokens, block_heads(self.mode, self.k, len(tokens), prefill=False), layout_parents(drafts)))
         old_lens = [s.cache_len for s in seqs]
         physical = self.cache.get_seq_length() if self.cache is not None else 0
         hidden, layouts, cache = self._forward(seqs, self.cache, specs)
@@ -251,22 +257,22 @@ class Decoder:
         for b, s in enumerate(seqs):
             verdict = self._isolated(s, _verify, per_seq[b], drafts_of[b], s)
             if verdict is None:  # this sequence failed: it leaves the batch, the others go on
-                keep.append(1)
+                keep.append([0])
                 events.append(StepEvent(s, [], "", True))
                 continue
-            accepted, bonus = verdict
-            keep.append(1 + accepted)
+            path, bonus = verdict  # the accepted drafts (indices), then the token after them
+            keep.append([0] + [1 + i for i in path])  # rows of y0 and of the accepted drafts
             s.stats.forward_passes += 1
-            s.stats.accepted_histogram[accepted] += 1
-            tokens, text = self._emit(s, drafts_of[b].tokens[:accepted] + [bonus])
+            s.stats.accepted_histogram[len(path)] += 1
+            tokens, text = self._emit(s, [drafts_of[b].tokens[i] for i in path] + [bonus])
             events.append(StepEvent(s, tokens, text, s.finished))
-            if not s.finished:
-                wanting.append((b, accepted, bonus))
+            if not s.finished:  # the next drafts come from the block after the last accepted token
+                wanting.append((b, 1 + path[-1] if path else 0, bonus))
         self._propose(seqs, hidden, layouts, wanting)
         _settle(events)
         self.cache = kv.keep_verified(cache, old_lens, physical, keep)
         for b, s in enumerate(seqs):
-            s.cache_len = old_lens[b] + keep[b]
+            s.cache_len = old_lens[b] + len(keep[b])
             if s.finished:
                 self._close_stats(s)
         return events
@@ -327,19 +333,21 @@ class Decoder:
 
     # ------------------------------------------------------------------ the batched pass
     def _forward(self, seqs: list[DecodingSequence], cache: DynamicCache | None,
-                 specs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, list[Layout], DynamicCache]:
-        """One pass over every sequence's layout, rows padded to the longest."""
+                 specs: list[tuple]) -> tuple[torch.Tensor, list[Layout], DynamicCache]:
+        """One pass over every sequence's layout (specs: normal tokens, block heads and, for a draft tree, the
+        layout parents), rows padded to the longest."""
         device = self.mtp.device
         physical = cache.get_seq_length() if cache is not None else 0
-        layouts = [build_layout(len(tokens), heads, max(self.k, 1), past_length=s.cache_len, normals_first=True,
-                                device=device) for s, (tokens, heads) in zip(seqs, specs)]
+        layouts = [build_layout(len(spec[0]), spec[1], max(self.k, 1), past_length=s.cache_len, normals_first=True,
+                                parents=spec[2] if len(spec) > 2 else None, device=device)
+                   for s, spec in zip(seqs, specs)]
         batch, rows = len(seqs), max(layout.rows for layout in layouts)
         token_ids = torch.zeros(batch, rows, dtype=torch.long, device=device)
         mask_slot = torch.full((batch, rows), -1, dtype=torch.long, device=device)
         position_ids = torch.zeros(batch, rows, dtype=torch.long, device=device)
         attention = torch.zeros(batch, rows, physical + rows, dtype=torch.bool, device=device)
         key_positions = torch.zeros(batch, physical + rows, dtype=torch.long, device=device)
-        for b, (s, layout, (tokens, _)) in enumerate(zip(seqs, layouts, specs)):
+        for b, (s, layout, (tokens, *_)) in enumerate(zip(seqs, layouts, specs)):
             r, past = layout.rows, s.cache_len
             ids = torch.tensor(tokens, dtype=torch.long, device=device)
             token_ids[b, :r] = ids[layout.normal_index.clamp(min=0)]
@@ -381,8 +389,15 @@ def _first_token(logits: torch.Tensor, s: DecodingSequence) -> int:
     return sample(warped_probs(logits, s.sampling), s.generator)
 
 
-def _verify(logits: torch.Tensor, drafts: DraftProposal, s: DecodingSequence) -> tuple[int, int]:
-    """(drafts accepted, the token after them) from the base head's logits at the step's normal rows."""
+def _verify(logits: torch.Tensor, drafts: DraftProposal, s: DecodingSequence) -> tuple[list[int], int]:
+    """(the accepted drafts as indices, the token after them) from the base head's logits at the step's normal
+    rows: a prefix of a chain, a root-to-leaf path of a tree."""
+    if drafts.parents is not None:
+        if not s.sampling.greedy:
+            raise ValueError("draft trees are verified greedily only")
+        return accept_greedy_tree(drafts.tokens, drafts.parents, logits.argmax(dim=-1).tolist())
     if s.sampling.greedy:
-        return accept_greedy(drafts.tokens, logits.argmax(dim=-1).tolist())
-    return accept_sampling(drafts.tokens, drafts.probs, warped_probs(logits, s.sampling), s.generator)
+        accepted, bonus = accept_greedy(drafts.tokens, logits.argmax(dim=-1).tolist())
+    else:
+        accepted, bonus = accept_sampling(drafts.tokens, drafts.probs, warped_probs(logits, s.sampling), s.generator)
+    return list(range(accepted)), bonus

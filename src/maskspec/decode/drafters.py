@@ -28,6 +28,9 @@ class DraftProposal:
     tokens: list[int] = field(default_factory=list)
     probs: list[torch.Tensor] = field(default_factory=list)  # per draft, when sampling (full vocabulary)
     error: BaseException | None = None  # drafting failed for this sequence alone
+    # A draft tree: parents[i] is the draft that draft i continues (-1: the newest verified token), parents[i] < i.
+    # None: a chain (draft i continues draft i - 1).
+    parents: list[int] | None = None
 
 
 @dataclass
@@ -138,3 +141,60 @@ class SamplerChain:
         for ids in own:
             allowed.append(None if ids.numel() == extra.numel() else torch.cat([vocab, torch.isin(extra, ids)]))
         return extra, allowed
+
+
+class TreeDrafter:
+    """Draft trees from the sampler head (a dynamic tree, as EAGLE-2 builds one): at depth j every node of the
+    frontier is continued by the sampler at mask j with prev = its own token (the block's latents are the same for
+    every branch; only prev differs), batched over the frontier; of the `width` best continuations of each node,
+    those with the highest path probability form the next frontier, up to `width` per depth and `budget` nodes
+    in all. The greedy chain is always a branch of the tree, so a tree never accepts less than the chain.
+    Sequences that sample (temperature > 0) get the chain: acceptance over trees is greedy only here."""
+
+    def __init__(self, mtp: "MTPModel", budget: int, width: int = 2) -> None:
+        if budget < 1 or width < 1:
+            raise ValueError(f"a draft tree needs budget >= 1 and width >= 1, got {budget} and {width}")
+        self.mtp, self.budget, self.width = mtp, budget, width
+        self.chain = SamplerChain(mtp)
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
+        proposals: list[DraftProposal | None] = [None] * len(requests)
+        sampled = [i for i, r in enumerate(requests) if not r.sequence.sampling.greedy]
+        for i, proposal in zip(sampled, self.chain.propose([requests[i] for i in sampled])):
+            proposals[i] = proposal
+        for i, request in enumerate(requests):
+            if proposals[i] is None:
+                try:
+                    proposals[i] = self._tree(request)
+                except Exception as exc:
+                    proposals[i] = DraftProposal(error=exc)
+        return proposals
+
+    def _tree(self, request: DraftRequest) -> DraftProposal:
+        seq, latents = request.sequence, request.latents
+        extra = seq.context.extra_ids if seq.context is not None else None
+        tokens: list[int] = []
+        parents: list[int] = []
+        # (node index, its token, its path log-probability, whether it is on the greedy chain)
+        frontier = [(-1, request.prev_token, 0.0, True)]
+        for j in range(latents.shape[0]):
+            room = min(self.width, self.budget - len(tokens))
+            if room <= 0 or not frontier:
+                break
+            prev = torch.tensor([f[1] for f in frontier], device=latents.device)
+            logits, ids = self.mtp.draft_logits(prev, latents[j:j + 1].expand(len(frontier), -1), extra)
+            top = torch.log_softmax(logits.float(), dim=-1).topk(min(self.width, logits.shape[-1]), dim=-1)
+            candidates = []
+            for f, (node, _, path_logp, on_chain) in enumerate(frontier):
+                for rank, (logp, column) in enumerate(zip(top.values[f].tolist(), top.indices[f].tolist())):
+                    token = column if ids is None else int(ids[column])
+                    chain = on_chain and rank == 0
+                    # The chain's continuation first, then by path probability (stable on ties).
+                    candidates.append((not chain, -(path_logp + logp), node, token, chain))
+            candidates.sort(key=lambda c: (c[0], c[1]))
+            frontier = []
+            for _, neg_logp, parent, token, chain in candidates[:room]:
+                tokens.append(token)
+                parents.append(parent)
+                frontier.append((len(tokens) - 1, token, -neg_logp, chain))
+        return DraftProposal(tokens, parents=parents)

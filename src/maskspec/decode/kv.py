@@ -2,8 +2,9 @@
 
 Layout: (B, heads, P, d) per layer. Sequence b's valid entries are [0, len_b): its prompt and every output token
 but the newest; columns [len_b, P) are padding that every row of b masks out through the attention matrix. A step
-appends its rows at [P, P + R); `keep_verified` then moves each sequence's verified rows to follow its valid
-entries. A batch of one never has padding, so for it that is a crop (a view), not a gather.
+appends its rows at [P, P + R); `keep_verified` then moves each sequence's verified rows (y0 and its accepted
+drafts: a prefix of the step for a chain, a root-to-leaf path for a draft tree) to follow its valid entries. A
+batch of one keeping a prefix never has padding, so for it that is a crop (a view), not a gather.
 """
 
 from __future__ import annotations
@@ -23,20 +24,23 @@ def crop(cache: DynamicCache, length: int) -> None:
         cache.crop(-excess)
 
 
-def keep_verified(cache: DynamicCache, old_lens: Sequence[int], physical: int, keep: Sequence[int]) -> DynamicCache:
-    """Keep, for sequence b, its old entries [0, old_lens[b]) and the step's first keep[b] rows (at `physical`..),
-    moved to be contiguous; the rest of each row is padding. Worked example, B = 2, physical 5, a step of 4 rows:
-    old_lens [5, 3], keep [2, 1] -> b0 keeps columns 0-4 and 5-6; b1 keeps 0-2 and 5, moved to 3; width 7."""
-    if all(old == physical for old in old_lens) and len(set(keep)) == 1:  # no padding, same count: a crop
-        crop(cache, physical + keep[0])
+def keep_verified(cache: DynamicCache, old_lens: Sequence[int], physical: int,
+                  keep: Sequence[Sequence[int]]) -> DynamicCache:
+    """Keep, for sequence b, its old entries [0, old_lens[b]) and the step's rows keep[b] (offsets from `physical`,
+    increasing), moved to be contiguous; the rest of each row is padding. Worked example, B = 2, physical 5, a step
+    of 4 rows: old_lens [5, 3], keep [[0, 1], [0, 2]] -> b0 keeps columns 0-4 and 5-6; b1 keeps 0-2 and 5, 7,
+    moved to 3-4; width 7."""
+    prefix = all(list(rows) == list(range(len(rows))) for rows in keep)
+    if prefix and all(old == physical for old in old_lens) and len({len(rows) for rows in keep}) == 1:
+        crop(cache, physical + len(keep[0]))  # no padding, same prefix everywhere: a crop
         return cache
-    new_lens = [o + n for o, n in zip(old_lens, keep)]
+    new_lens = [o + len(rows) for o, rows in zip(old_lens, keep)]
     width = max(new_lens)
     keys0 = cache.layers[0].keys
     index = torch.zeros(len(keep), width, dtype=torch.long, device=keys0.device)
-    for b, (old, n) in enumerate(zip(old_lens, keep)):
+    for b, (old, rows) in enumerate(zip(old_lens, keep)):
         index[b, :old] = torch.arange(old, device=keys0.device)
-        index[b, old:old + n] = torch.arange(physical, physical + n, device=keys0.device)
+        index[b, old:old + len(rows)] = physical + torch.tensor(list(rows), dtype=torch.long, device=keys0.device)
     for layer in cache.layers:
         idx = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
         layer.keys = layer.keys.gather(2, idx)

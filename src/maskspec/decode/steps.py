@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+from maskspec.decode.drafters import DraftProposal
 from maskspec.errors import UsageError
 
 if TYPE_CHECKING:
@@ -45,7 +46,28 @@ def block_heads(mode: str, k: int, num_normal: int, prefill: bool) -> list[int]:
     return list(range(num_normal))
 
 
-def drafts_within_budget(drafts: Sequence[int], tokens_left: int) -> int:
-    """How many of the drafts a step verifies when `tokens_left` tokens may still be produced: a step yields the
-    accepted drafts plus one token, so never more than tokens_left - 1 drafts (more would only cost compute)."""
-    return max(0, min(len(drafts), tokens_left - 1))
+def drafts_within_budget(proposal: DraftProposal, tokens_left: int) -> DraftProposal:
+    """The drafts a step verifies when `tokens_left` tokens may still be produced: a step yields the accepted drafts
+    plus one token, so no path longer than tokens_left - 1 drafts (more would only cost compute). A chain keeps
+    its first tokens_left - 1 drafts; a tree the nodes no deeper than that."""
+    limit = max(0, tokens_left - 1)
+    if proposal.parents is None:
+        return DraftProposal(proposal.tokens[:limit], proposal.probs[:limit])
+    depth: list[int] = []
+    kept: dict[int, int] = {-1: -1}  # old index -> new index
+    tokens, parents = [], []
+    for i, (token, parent) in enumerate(zip(proposal.tokens, proposal.parents)):
+        depth.append(1 + (depth[parent] if parent >= 0 else 0))
+        if depth[i] <= limit and parent in kept:
+            kept[i] = len(tokens)
+            tokens.append(token)
+            parents.append(kept[parent])
+    return DraftProposal(tokens, parents=parents)
+
+
+def layout_parents(proposal: DraftProposal) -> list[int] | None:
+    """The parents of a step's normal tokens [y0, d1..dm] for the layout: None for a chain; for a tree, y0 is the
+    root and draft i hangs off its parent's row."""
+    if proposal.parents is None:
+        return None
+    return [-1] + [p + 1 for p in proposal.parents]

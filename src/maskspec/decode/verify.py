@@ -115,6 +115,26 @@ def accept_greedy(drafts: list[int], target_argmax: list[int]) -> tuple[int, int
     return accepted, target_argmax[accepted]
 
 
+def accept_greedy_tree(tokens: list[int], parents: list[int], target_argmax: list[int]) -> tuple[list[int], int]:
+    """Greedy acceptance over a draft tree: (the accepted path as node indices, root to leaf; the token after it).
+    Node i holds `tokens[i]` and hangs off node `parents[i]` (-1: off the newest verified token). target_argmax[0]
+    is the greedy token after the newest verified token, target_argmax[1 + i] the one after node i. From the root,
+    the child whose token is the greedy one is accepted, then its child, and so on: the path plain greedy decoding
+    takes (a chain is the tree whose node i hangs off node i - 1)."""
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents):
+        children.setdefault(p, []).append(i)
+    path: list[int] = []
+    at = -1
+    while True:
+        want = target_argmax[at + 1]
+        nxt = next((c for c in children.get(at, ()) if tokens[c] == want), None)
+        if nxt is None:
+            return path, want
+        path.append(nxt)
+        at = nxt
+
+
 def accept_sampling(drafts: list[int], draft_probs: list[torch.Tensor], target_probs: torch.Tensor,
                     generator: torch.Generator | None) -> tuple[int, int]:
     """(number of drafts accepted, next token) under rejection sampling. target_probs: (len(drafts)+1, V);

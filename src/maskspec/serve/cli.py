@@ -52,6 +52,8 @@ def register(app: typer.Typer) -> None:
         max_new_tokens_limit: int = typer.Option(1024, "--max-new-tokens-limit", min=1,
                                                  help="Largest max_tokens a request may ask for."),
         mode: str = typer.Option("quadratic", "--mode", callback=check_mode, help="quadratic | linear | ar"),
+        tree: int = typer.Option(0, "--tree", min=0, help="Greedy requests draft trees of up to N nodes (mode "
+                                 "quadratic; 0: a chain)."),
         k: Optional[int] = typer.Option(None, "--k", help="Drafts per step (default: the k the adapter's config "
                                                           "recommends for this device, else its k)."),
         dtype: str = typer.Option("fp32", "--dtype"),
@@ -73,6 +75,8 @@ def register(app: typer.Typer) -> None:
 
         if threads:
             torch.set_num_threads(threads)
+        if tree and mode != "quadratic":
+            raise MaskspecError(f"--tree needs --mode quadratic, got --mode {mode}")
         sock = bind_socket(host, port)
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
         drafts = resolve_k(mtp, mode, k)
@@ -81,6 +85,7 @@ def register(app: typer.Typer) -> None:
             typer.secho(f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
                         err=True, fg=typer.colors.YELLOW)
         app, scheduler = build_server(mtp, mode=mode, k=k, max_batch=max_batch, max_queue=max_queue,
+                                      tree=tree if mode == "quadratic" else 0,
                                       max_new_tokens_limit=max_new_tokens_limit, api_key=api_key,
                                       model_name=os.path.basename(str(model).rstrip("/")) if model != "default"
                                       else mtp.model_name)

@@ -88,7 +88,7 @@ class GenerationRequest:
 
 class Scheduler:
     def __init__(self, mtp: MTPModel, mode: str = "quadratic", k: int | None = None, max_batch: int = 8,
-                 max_queue: int = 64, metrics: ServerMetrics | None = None) -> None:
+                 max_queue: int = 64, metrics: ServerMetrics | None = None, tree: int = 0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 0:
@@ -96,7 +96,8 @@ class Scheduler:
         self.mtp = mtp
         self.mode = mode
         self.k = k
-        self.decoder = Decoder(mtp, mode=mode, k=k)
+        self.tree = tree
+        self.decoder = Decoder(mtp, mode=mode, k=k, tree=tree)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics or ServerMetrics()
@@ -204,7 +205,7 @@ class Scheduler:
             self._session.close()
             with self.cond:
                 failed, self.active = self.active, []
-                self.decoder = Decoder(self.mtp, mode=self.mode, k=self.k)
+                self.decoder = Decoder(self.mtp, mode=self.mode, k=self.k, tree=self.tree)
             for req in failed:
                 self.metrics.finished.inc(1, "error")
                 req.deliver(Failure(f"decoding failed: {type(exc).__name__}: {exc}"))
