@@ -4,7 +4,8 @@ and tokens per second, greedy, side by side in one run (methods interleaved per 
     python scripts/tree_costs.py [--n 2] [--domains math,code,chat,translation,summarization] [--max-new-tokens 64]
         [--methods k2,k4,k2t4,k4t6,k4t10] [--width 2]
 
-A method kK is the chain of k = K; kKtN a tree of up to N nodes over blocks of K masks.
+A method kK is the chain of k = K; kKtN a tree of up to N sampler nodes over blocks of K masks plus a
+prompt-lookup branch; kKtNn the same tree without the lookup branch.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 
 from maskspec.bench.suites import load_suite, select_prompts
-from maskspec.decode.api import generate, prepare_input_ids
+from maskspec.decode.api import chunks, prepare_input_ids
 from maskspec.decode.decoder import Decoder
 from maskspec.decode.drafters import TreeDrafter
+from maskspec.decode.types import GenerationOutput
 from maskspec.model.mtp import MTPModel
 
 DEV_SUITE = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "dev.jsonl"
@@ -30,17 +32,17 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2, help="prompts per domain")
     p.add_argument("--domains", default="math,code,chat,translation,summarization")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--methods", default="k2,k4,k2t4,k4t6,k4t10")
+    p.add_argument("--methods", default="k2,k2t4n,k2t4,k4,k4t6n,k4t6")
     p.add_argument("--width", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     methods = []
     for m in args.methods.split(","):
-        match = re.fullmatch(r"k(\d+)(?:t(\d+))?", m)
+        match = re.fullmatch(r"k(\d+)(?:t(\d+)(n?))?", m)
         if not match:
-            p.error(f"--methods: {m!r} is not kK or kKtN")
-        methods.append((m, int(match[1]), int(match[2] or 0)))
+            p.error(f"--methods: {m!r} is not kK, kKtN or kKtNn")
+        methods.append((m, int(match[1]), int(match[2] or 0), not match[3]))
     mtp = MTPModel.from_pretrained("default", adapter="default")
     prompts = select_prompts(load_suite(DEV_SUITE if DEV_SUITE.is_file() else None), args.domains.split(","), args.n)
     rows = {(m[0], d): {"tokens": 0, "passes": 0, "ms": [], "seconds": 0.0} for m in methods for d in
@@ -48,10 +50,9 @@ def main() -> None:
     for prompt in prompts:
         ids = prepare_input_ids(mtp, prompt.messages)[0].tolist()
         reference = None
-        for name, k, tree in methods:
-            generate(mtp, ids, max_new_tokens=4, mode="quadratic", k=k, tree=tree)  # warm-up
-            out = generate(mtp, ids, max_new_tokens=args.max_new_tokens, mode="quadratic", k=k, tree=tree) \
-                if args.width == 2 else _generate_width(mtp, ids, args.max_new_tokens, k, tree, args.width)
+        for name, k, tree, lookup in methods:
+            _generate(mtp, ids, 4, k, tree, args.width, lookup)  # warm-up
+            out = _generate(mtp, ids, args.max_new_tokens, k, tree, args.width, lookup)
             reference = reference or out.new_token_ids
             assert out.new_token_ids == reference, f"{name} changed the output of {prompt.id}"
             s = out.stats
@@ -75,11 +76,8 @@ def main() -> None:
               + " | ".join(f"{c['tokens'] / c['seconds']:.1f}" for c in cells) + " |")
 
 
-def _generate_width(mtp, ids, max_new, k, tree, width):
-    from maskspec.decode.api import chunks
-    from maskspec.decode.types import GenerationOutput
-
-    decoder = Decoder(mtp, mode="quadratic", k=k, drafter=TreeDrafter(mtp, tree, width) if tree else None)
+def _generate(mtp, ids, max_new, k, tree, width, lookup):
+    decoder = Decoder(mtp, mode="quadratic", k=k, drafter=TreeDrafter(mtp, tree, width, lookup) if tree else None)
     seq = decoder.add(ids, max_new)
     tokens = [t for c in chunks(decoder, seq) for t in c.token_ids]
     return GenerationOutput(torch.tensor([ids + tokens]), tokens, None, seq.stats)

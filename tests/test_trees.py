@@ -8,7 +8,7 @@ import torch
 
 from conftest import decode_alone, hf_greedy_tokens, make_prompts, make_tiny_mtp
 from maskspec.decode.decoder import Decoder
-from maskspec.decode.drafters import DraftProposal, TreeDrafter
+from maskspec.decode.drafters import DraftProposal, TreeDrafter, merge_branch, prompt_lookup
 from maskspec.decode.steps import drafts_within_budget, layout_parents
 from maskspec.decode.verify import accept_greedy, accept_greedy_tree
 from maskspec.errors import UsageError
@@ -117,7 +117,7 @@ def test_kv_cache_after_tree_steps_holds_the_accepted_path_only():
 def test_sampler_trees_are_exact_and_contain_the_chain():
     mtp = make_tiny_mtp("qwen2", k=3)
     prompts = make_prompts(10, seed=12)
-    drafter = TreeDrafter(mtp, budget=7, width=2)
+    drafter = TreeDrafter(mtp, budget=7, width=2, lookup=False)
     for p in prompts:
         ref = hf_greedy_tokens(mtp.model, p, 20)
         seq, _ = decode_alone(mtp, p, "quadratic", 3, 20, drafter=drafter)
@@ -168,3 +168,35 @@ def test_server_with_trees_answers_exactly(served_files):
     finally:
         scheduler.stop()
     assert isinstance(scheduler.decoder.drafter, TreeDrafter)
+
+
+def test_prompt_lookup_and_merging_a_branch():
+    # ... 5 6 7 8 ... 5 6 -> the latest earlier "5 6" was followed by 7 8 9
+    assert prompt_lookup([1, 5, 6, 7, 8, 9, 2, 5, 6], 3) == [7, 8, 9]
+    assert prompt_lookup([1, 5, 6, 7, 3, 6], 2) == [7, 3]  # only the 1-gram "6" matches
+    assert prompt_lookup([4, 9, 9, 1, 2, 9, 9], 2) == [1, 2]  # the longest n-gram first: "9 9"
+    assert prompt_lookup([1, 2, 3], 4) == [] and prompt_lookup([7], 2) == []
+    tokens, parents = [5, 6, 7], [-1, -1, 0]
+    merge_branch(tokens, parents, [5, 7, 8])  # shares 5 -> 7, adds 8 under it
+    assert (tokens, parents) == ([5, 6, 7, 8], [-1, -1, 0, 2])
+    merge_branch(tokens, parents, [9])
+    assert (tokens, parents) == ([5, 6, 7, 8, 9], [-1, -1, 0, 2, -1])
+
+
+def test_lookup_branch_is_exact_and_accepted_on_repetitive_text():
+    """A tiny model fed a prompt it repeats: the lookup branch carries long accepted runs, output still exact."""
+    mtp = make_tiny_mtp("llama", k=3)
+    prompts = make_prompts(12, seed=21)
+    with_lookup = without = 0
+    for p in prompts:
+        ref = hf_greedy_tokens(mtp.model, p, 24)
+        prompt = p + ref[:12]  # its own continuation in the prompt: lookup finds what comes next
+        ref = hf_greedy_tokens(mtp.model, prompt, 24)
+        for lookup in (True, False):
+            seq, _ = decode_alone(mtp, prompt, "quadratic", 3, 24, drafter=TreeDrafter(mtp, 3, 1, lookup=lookup))
+            assert seq.output == ref
+            if lookup:
+                with_lookup += seq.stats.forward_passes
+            else:
+                without += seq.stats.forward_passes
+    assert with_lookup < without

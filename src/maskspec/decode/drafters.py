@@ -151,10 +151,10 @@ class TreeDrafter:
     in all. The greedy chain is always a branch of the tree, so a tree never accepts less than the chain.
     Sequences that sample (temperature > 0) get the chain: acceptance over trees is greedy only here."""
 
-    def __init__(self, mtp: "MTPModel", budget: int, width: int = 2) -> None:
+    def __init__(self, mtp: "MTPModel", budget: int, width: int = 2, lookup: bool = True) -> None:
         if budget < 1 or width < 1:
             raise ValueError(f"a draft tree needs budget >= 1 and width >= 1, got {budget} and {width}")
-        self.mtp, self.budget, self.width = mtp, budget, width
+        self.mtp, self.budget, self.width, self.lookup = mtp, budget, width, lookup
         self.chain = SamplerChain(mtp)
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[DraftProposal]:
@@ -197,4 +197,35 @@ class TreeDrafter:
                 tokens.append(token)
                 parents.append(parent)
                 frontier.append((len(tokens) - 1, token, -neg_logp, chain))
+        if self.lookup:
+            context = list(seq.prompt_ids) + list(seq.output)
+            merge_branch(tokens, parents, prompt_lookup(context, latents.shape[0]))
         return DraftProposal(tokens, parents=parents)
+
+
+def prompt_lookup(context: Sequence[int], max_tokens: int, max_ngram: int = 3) -> list[int]:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's last n tokens
+    (n = max_ngram down to 1, the longest match first), at most `max_tokens` of them; [] without a match. Strong
+    where the answer repeats its input: code identifiers, summaries, quotes, translations of names."""
+    n_ctx = len(context)
+    for n in range(min(max_ngram, n_ctx - 1), 0, -1):
+        tail = list(context[n_ctx - n:])
+        for start in range(n_ctx - n - 1, -1, -1):  # the latest earlier occurrence
+            if list(context[start:start + n]) == tail:
+                follow = list(context[start + n:start + n + max_tokens])
+                if follow:
+                    return follow
+    return []
+
+
+def merge_branch(tokens: list[int], parents: list[int], branch: Sequence[int]) -> None:
+    """Add `branch` (a chain after the newest verified token) to the tree in place, sharing the prefix it has in
+    common with existing nodes."""
+    at = -1
+    for token in branch:
+        nxt = next((i for i, (t, p) in enumerate(zip(tokens, parents)) if p == at and t == token), None)
+        if nxt is None:
+            tokens.append(token)
+            parents.append(at)
+            nxt = len(tokens) - 1
+        at = nxt
