@@ -6,7 +6,8 @@ Answers come from maskspec's own decoder in mode `ar` (plain decoding, token-ide
 float64; in float32 its kernels round differently in the last bits, see the README): up to `batch_size` sequences
 decode together and a finished one leaves the batch at once, its place taken by the next prompt (continuous
 batching), so no pass is spent on answers that have ended. Prompts are admitted by length within windows of the
-selected order (less padding in a prefill), and records are written in the selected order.
+selected order (less padding in a prefill; the messages' length in characters stands in for their tokens), and
+records are written in the selected order.
 
 Resumable and deterministic: each prompt is sampled with its own generator, seeded from (seed, prompt id), so its
 answer does not depend on which prompts share its batch, and a run that was interrupted and resumed writes the
@@ -279,11 +280,13 @@ def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
     settings = {"model": model_name, "temperature": cfg.temperature, "top_p": cfg.top_p,
                 "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
     todo = [i for i, r in enumerate(selected) if r["id"] not in done]
-    prompt_ids = {i: _render(tokenizer, selected[i]["messages"], add_generation_prompt=True) for i in todo}
+    # Admission by length: the characters of the messages stand in for tokens (rendering 70k prompts up front
+    # would take minutes); each prompt is rendered when it joins.
+    lengths = [sum(len(m["content"]) for m in selected[i]["messages"]) for i in todo]
     sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p)
     mtp = MTPModel(model, tokenizer, MTPConfig(k=1, rank=1))  # mode ar: the adapter is never used
     decoder = Decoder(mtp, mode="ar")
-    queue = [todo[i] for i in admission_order([len(prompt_ids[i]) for i in todo], cfg.batch_size)]
+    queue = [todo[i] for i in admission_order(lengths, cfg.batch_size)]
     queue.reverse()  # popped from the end
     bar = tqdm(total=len(selected), initial=stats.already_done, disable=not cfg.progress, desc="distill",
                dynamic_ncols=True)
@@ -293,7 +296,8 @@ def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
             while queue or decoder.has_work():
                 while queue and decoder.active < cfg.batch_size:
                     i = queue.pop()
-                    decoder.add(prompt_ids[i], cfg.max_new_tokens, sampling=sampling, eos_token_ids=eos,
+                    ids = _render(tokenizer, selected[i]["messages"], add_generation_prompt=True)
+                    decoder.add(ids, cfg.max_new_tokens, sampling=sampling, eos_token_ids=eos,
                                 seed=_prompt_seed(cfg.seed, selected[i]["id"]), detokenize=False, tag=i)
                 for event in decoder.step():
                     if not event.finished:
