@@ -360,3 +360,15 @@ def test_bench_reports_warm_up_and_each_prompt(tmp_path, tiny_chat, capsys):
         main(["bench", "--model", str(model), "--adapter", str(adapter), "--suite", str(suite), "--modes", "ar",
               "--baselines", "hf", "--max-new-tokens", "2", "--device", "cpu", "--no-plots", "--out", str(out)])
     assert exc.value.code in (0, None), capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,expected", [
+    (["--lr", "nan"], "--lr"), (["--grad-clip", "nan"], "--grad-clip"), (["--dropout", "1.5"], "--dropout"),
+    (["--alpha", "0"], "--alpha"), (["--weight-decay", "-1"], "--weight-decay"), (["--kl-weight", "inf"], "--kl-weight"),
+])
+def test_train_bad_numbers_are_one_line(option, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "out"), *option])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("error:") and expected in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from maskspec.errors import MaskspecError
@@ -65,10 +67,20 @@ class TrainConfig:
     cpu: bool = False
 
     def validate(self) -> None:
+        numbers = {"--lr": self.lr, "--alpha": self.alpha, "--dropout": self.dropout,
+                   "--weight-decay": self.weight_decay, "--grad-clip": self.grad_clip,
+                   "--block-fraction": self.block_fraction, "--ce-weight": self.ce_weight,
+                   "--sampler-weight": self.sampler_weight, "--lcm-weight": self.lcm_weight,
+                   "--kl-weight": self.kl_weight, "--time-limit": self.time_limit}
+        for name, value in numbers.items():
+            if value is not None and not math.isfinite(value):
+                raise TrainError(f"{name} must be a finite number, got {value}")
         checks = [
             (self.k >= 1, "--k must be >= 1"), (self.rank >= 1, "--rank must be >= 1"),
             (self.steps >= 1, "--steps must be >= 1"), (self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.grad_accum >= 1, "--grad-accum must be >= 1"), (self.lr > 0, "--lr must be > 0"),
+            (0 <= self.dropout < 1, "--dropout must be in [0, 1)"), (self.alpha > 0, "--alpha must be > 0"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"), (self.grad_clip >= 0, "--grad-clip must be >= 0"),
             (self.max_length >= 4, "--max-length must be >= 4"), (self.warmup >= 0, "--warmup must be >= 0"),
             (0 < self.block_fraction <= 1, "--block-fraction must be in (0, 1]"),
             (self.max_blocks is None or self.max_blocks >= 1, "--max-blocks must be >= 1"),
