@@ -209,8 +209,9 @@ def _prompt_seed(seed: int, prompt_id: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(prompt_id.encode("utf-8"))) % (2**62)
 
 
-# Prompts are admitted shortest first within windows of this many batches of the selected order.
-ADMISSION_WINDOW = 8
+# Prompts are admitted shortest first within windows of this many batches of the selected order (small: records
+# are written in order, so a window is what a killed run loses at most).
+ADMISSION_WINDOW = 2
 
 
 def admission_order(lengths: Sequence[int], batch_size: int) -> list[int]:
