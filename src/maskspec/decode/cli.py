@@ -10,9 +10,9 @@ import typer
 
 from maskspec.decode.api import StreamChunk, generate, stream
 from maskspec.decode.steps import MODES, resolve_k
-from maskspec.loading import load_for_decoding
 from maskspec.decode.verify import SamplingConfig, check_seed
 from maskspec.errors import MaskspecError, UsageError
+from maskspec.loading import load_for_decoding
 from maskspec.messages import check_text
 from maskspec.model.mtp import MTPModel
 
@@ -83,6 +83,7 @@ def register(app: typer.Typer) -> None:
         check_sampling(temperature, top_p, top_k, seed)
         check_tree(tree, mode)
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
+        tree = tree if mode == "quadratic" else 0  # no adapter: the fallback to ar drafts nothing
 
         def show(chunk: StreamChunk) -> None:
             if not as_json:
@@ -90,14 +91,13 @@ def register(app: typer.Typer) -> None:
                 sys.stdout.flush()
 
         out = generate(mtp, prompt, streamer=show, max_new_tokens=max_new_tokens, mode=mode, k=k,
-                       temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed,
-                       tree=tree if mode == "quadratic" else 0)
+                       temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed, tree=tree)
         s = out.stats
         if as_json:
             print(json.dumps({"text": out.text, "new_tokens": s.new_tokens, "forward_passes": s.forward_passes,
                               "tokens_per_pass": round(s.tokens_per_pass, 4), "seconds": round(s.seconds, 4),
                               "tokens_per_second": round(s.tokens_per_second, 2), "mode": mode,
-                              "k": resolve_k(mtp, mode, k) or None, "tree": tree if mode == "quadratic" else 0,
+                              "k": resolve_k(mtp, mode, k) or None, "tree": tree,
                               "finish_reason": s.finish_reason,
                               "accepted_histogram": s.accepted_histogram}))
         else:
@@ -122,6 +122,7 @@ def register(app: typer.Typer) -> None:
         check_sampling(temperature)
         check_tree(tree, mode)
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
+        tree = tree if mode == "quadratic" else 0
         history: list[dict] = [{"role": "system", "content": system}] if system else []
         typer.secho("maskspec chat: /reset clears the conversation, /exit quits, Ctrl-C stops an answer.",
                     fg=typer.colors.BRIGHT_BLACK)
@@ -144,7 +145,7 @@ def register(app: typer.Typer) -> None:
             sys.stdout.write("assistant> ")
             try:
                 for chunk in stream(mtp, history, max_new_tokens=max_new_tokens, mode=mode, k=k,
-                                    temperature=temperature, tree=tree if mode == "quadratic" else 0):
+                                    temperature=temperature, tree=tree):
                     answer += chunk.text
                     stats = chunk.stats
                     sys.stdout.write(chunk.text)

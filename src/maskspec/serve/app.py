@@ -10,8 +10,10 @@ plus a `maskspec` object (tokens per pass, forward passes).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -21,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from maskspec.decode.stopping import context_length
+from maskspec.errors import MaskspecError
 from maskspec.serve.protocol import (ApiError, Completion, Params, completion_budget, failure_error,
                                      parse_chat, parse_completion)
 from maskspec.serve.scheduler import (Delta, Failure, Final, GenerationRequest, QueueFull, Scheduler,
@@ -236,18 +239,38 @@ def build_server(mtp: Any, *, mode: str = "quadratic", k: int | None = None, max
     return create_app(scheduler, config), scheduler
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a busy port or a bad address is a one-line error at
+    once, and nothing can take the port between this check and serving."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise MaskspecError(f"--host {host!r} is not an address of this machine ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise MaskspecError(f"port {port} on {host} is already in use; stop what serves there or pass "
+                                "another --port") from None
+        raise MaskspecError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
 class BackgroundServer:
     """uvicorn in a thread (tests, the load test): `with BackgroundServer(app) as url: ...`."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
-        import socket
         import threading
 
         import uvicorn
 
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+        self.sock = bind_socket(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)

@@ -2,39 +2,14 @@
 
 from __future__ import annotations
 
-import errno
 import os
-import socket
 from typing import Optional
 
 import typer
 
-from maskspec.decode.cli import check_mode
+from maskspec.decode.cli import check_mode, check_tree
 from maskspec.decode.steps import resolve_k
 from maskspec.errors import MaskspecError
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the model loads: a busy port or a bad address is a one-line error at
-    once, and nothing can take the port between this check and serving."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise MaskspecError(f"--host {host!r} is not an address of this machine ({exc.strerror})") from None
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise MaskspecError(f"port {port} on {host} is already in use; stop what serves there or pass "
-                                "another --port") from None
-        raise MaskspecError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 def register(app: typer.Typer) -> None:
@@ -65,7 +40,7 @@ def register(app: typer.Typer) -> None:
         try:
             import uvicorn
 
-            from maskspec.serve.app import build_server
+            from maskspec.serve.app import bind_socket, build_server
         except ImportError as exc:
             raise MaskspecError(f"the server needs FastAPI and uvicorn ({exc.name} is missing): "
                                 "pip install 'maskspec[serve]'") from None
@@ -75,8 +50,7 @@ def register(app: typer.Typer) -> None:
 
         if threads:
             torch.set_num_threads(threads)
-        if tree and mode != "quadratic":
-            raise MaskspecError(f"--tree needs --mode quadratic, got --mode {mode}")
+        check_tree(tree, mode)
         sock = bind_socket(host, port)
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
         drafts = resolve_k(mtp, mode, k)
