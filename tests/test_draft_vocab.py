@@ -184,15 +184,13 @@ def test_sampling_test_detects_a_draft_distribution_that_ignores_the_restriction
     prompt = torch.tensor([[4, 4]])
     cfg = SamplingConfig(temperature=1.0)
     exact = _exact_two_token_distribution(mtp.model, prompt, cfg)
-    real_pick = drafters.pick_draft
+    real_draws = drafters._drawn_children
 
-    def wrong_q(logits, ids, cfg, generator, vocab_size):
-        token, probs = real_pick(logits, ids, cfg, generator, vocab_size)
-        if probs is not None:
-            probs = torch.full_like(probs, 1.0 / vocab_size)  # not the distribution the draft came from
-        return token, probs
+    def wrong_q(*args):
+        # the drafts as drawn, but recorded with a distribution they did not come from
+        return [(logp, token, torch.full_like(q, 1.0 / q.numel())) for logp, token, q in real_draws(*args)]
 
-    monkeypatch.setattr(drafters, "pick_draft", wrong_q)
+    monkeypatch.setattr(drafters, "_drawn_children", wrong_q)
     assert _p_value(_counts(mtp, prompt, cfg), exact) < 1e-6
 
 

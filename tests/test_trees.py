@@ -200,3 +200,153 @@ def test_lookup_branch_is_exact_and_accepted_on_repetitive_text():
             else:
                 without += seq.stats.forward_passes
     assert with_lookup < without
+
+
+# ---------------------------------------------------------------- sampling over trees: exact in distribution
+SAMPLES = 3000
+
+
+def _exact_three_token_distribution(model, prompt, cfg, vocab):
+    from maskspec.decode.verify import warped_probs
+
+    def next_probs(tokens):
+        with torch.no_grad():
+            return warped_probs(model(torch.tensor([tokens])).logits[0, -1], cfg).double()
+
+    joint = torch.zeros(vocab, vocab, vocab, dtype=torch.float64)
+    first = next_probs(prompt)
+    for a in range(vocab):
+        second = next_probs(prompt + [a])
+        for b in range(vocab):
+            joint[a, b] = first[a] * second[b] * next_probs(prompt + [a, b])
+    return joint.reshape(-1)
+
+
+def _pooled_p_value(counts, expected_probs, min_expected=5.0):
+    """Chi-square p-value with the cells expected fewer than `min_expected` times pooled into one."""
+    from scipy.stats import chisquare
+
+    possible = expected_probs > 0
+    assert counts[~possible].sum() == 0, "sampled a sequence of probability zero"
+    counts, expected_probs = counts[possible], expected_probs[possible]
+    expected = expected_probs * counts.sum() / expected_probs.sum()
+    big = expected >= min_expected
+    observed, wanted = counts[big], expected[big]
+    if not big.all():
+        observed = torch.cat([observed, counts[~big].sum().reshape(1)])
+        wanted = torch.cat([wanted, expected[~big].sum().reshape(1)])
+    return chisquare(observed.numpy(), wanted.numpy()).pvalue
+
+
+class PathRecorder:
+    """Wraps the tree rule: counts the steps whose accepted path went through a child other than the first of
+    its parent (so later siblings and the residual updates between them were really exercised)."""
+
+    def __init__(self, rule):
+        self.rule, self.later_sibling, self.steps = rule, 0, 0
+
+    def __call__(self, tokens, parents, probs, target, generator):
+        path, token = self.rule(tokens, parents, probs, target, generator)
+        self.steps += 1
+        at = -1
+        for node in path:
+            if node != parents.index(at):
+                self.later_sibling += 1
+                break
+            at = node
+        return path, token
+
+
+def _tree_sampling_counts(mtp, prompt, cfg, drafter, vocab):
+    counts = torch.zeros(vocab ** 3)
+    for seed in range(SAMPLES):
+        seq, _ = decode_alone(mtp, prompt, "quadratic", 2, 3, drafter=drafter, sampling=cfg, seed=seed, eos=[])
+        a, b, c = seq.output[:3]
+        counts[(a * vocab + b) * vocab + c] += 1
+    return counts
+
+
+def _first_two(joint, vocab):
+    """The distribution of the first two tokens (the root's children decide the second)."""
+    return joint.reshape(vocab, vocab, vocab).sum(dim=-1).reshape(-1)
+
+
+def _tree_sampling_setup():
+    from test_decode import VOCAB, _sampling_mtp
+
+    mtp = _sampling_mtp()
+    prompt = [3, 4, 5]
+    return mtp, prompt, VOCAB
+
+
+@pytest.mark.parametrize("cfg,lookup", [
+    (dict(temperature=1.0), False),
+    (dict(temperature=0.8, top_k=4, top_p=0.95), True),
+])
+def test_sampled_trees_match_plain_sampling(cfg, lookup, monkeypatch):
+    import maskspec.decode.decoder as decoder_module
+    from maskspec.decode.verify import SamplingConfig, accept_sampling_tree
+
+    mtp, prompt, vocab = _tree_sampling_setup()
+    cfg = SamplingConfig(**cfg)
+    recorder = PathRecorder(accept_sampling_tree)
+    monkeypatch.setattr(decoder_module, "accept_sampling_tree", recorder)
+    counts = _tree_sampling_counts(mtp, prompt, cfg, TreeDrafter(mtp, budget=5, width=3, lookup=lookup), vocab)
+    exact = _exact_three_token_distribution(mtp.model, prompt, cfg, vocab)
+    assert _pooled_p_value(counts, exact) > 1e-3
+    assert _pooled_p_value(_first_two(counts, vocab), _first_two(exact, vocab)) > 1e-3
+    # Later siblings carried the accepted path in a good share of the steps.
+    assert recorder.later_sibling > 0.05 * recorder.steps
+
+
+def test_a_tree_rule_without_residual_updates_fails_the_sampling_test(monkeypatch):
+    """Power: trying every sibling against the untouched target (the chain's rule applied to each child alone,
+    no residual between siblings) over-weights drafted tokens, and the test sees it."""
+    import maskspec.decode.decoder as decoder_module
+    from maskspec.decode.verify import SamplingConfig, sample
+
+    def no_residual(tokens, parents, probs, target, generator):
+        path, at = [], -1
+        while True:
+            p = target[at + 1]
+            kids = [i for i, parent in enumerate(parents) if parent == at]
+            nxt = None
+            for child in kids:
+                q = probs[child]
+                ratio = 1.0 if q is None else min(1.0, (p[tokens[child]] / q[tokens[child]]).item())
+                if torch.rand((), generator=generator).item() < ratio:
+                    nxt = child
+                    break
+            if nxt is None:
+                q = probs[kids[0]] if kids and probs[kids[0]] is not None else torch.zeros_like(p)
+                residual = (p - q).clamp(min=0)
+                return path, sample(residual / residual.sum() if residual.sum() > 0 else p, generator)
+            path.append(nxt)
+            at = nxt
+
+    mtp, prompt, vocab = _tree_sampling_setup()
+    cfg = SamplingConfig(temperature=1.0)
+    monkeypatch.setattr(decoder_module, "accept_sampling_tree", no_residual)
+    counts = _tree_sampling_counts(mtp, prompt, cfg, TreeDrafter(mtp, budget=5, width=3, lookup=False), vocab)
+    exact = _exact_three_token_distribution(mtp.model, prompt, cfg, vocab)
+    assert _pooled_p_value(_first_two(counts, vocab), _first_two(exact, vocab)) < 1e-6
+
+
+def test_sampled_tree_siblings_are_drawn_without_replacement():
+    mtp, prompt, vocab = _tree_sampling_setup()
+    from maskspec.decode.verify import SamplingConfig
+
+    decoder = Decoder(mtp, mode="quadratic", k=2, drafter=TreeDrafter(mtp, budget=6, width=3, lookup=False))
+    siblings_seen = 0
+    for seed in range(40):
+        seq = decoder.add(prompt, 2, sampling=SamplingConfig(temperature=1.0), seed=seed, eos_token_ids=[])
+        decoder.step()
+        tree = seq.proposal
+        assert len(tree.tokens) == len(tree.parents) == len(tree.probs) <= 6
+        for parent in set(tree.parents):
+            kids = [i for i, p in enumerate(tree.parents) if p == parent]
+            assert len({tree.tokens[i] for i in kids}) == len(kids)  # no token twice under one parent
+            assert all(tree.probs[i] is tree.probs[kids[0]] for i in kids)  # drawn from one distribution
+            siblings_seen += len(kids) > 1
+        decoder.cancel(seq)
+    assert siblings_seen > 40

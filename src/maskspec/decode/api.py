@@ -55,9 +55,10 @@ def prepare_input_ids(mtp: MTPModel, prompt: Prompt, chat_template: bool = True)
 def start(mtp: MTPModel, prompt: Prompt, *, max_new_tokens: int = 256, mode: str = "quadratic",
           k: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
           stop: Sequence[str] | None = None, seed: int | None = None, eos_token_ids: Sequence[int] | None = None,
-          chat_template: bool = True, tree: int = 0) -> tuple[torch.Tensor, Decoder, DecodingSequence]:
+          chat_template: bool = True, tree: int | None = None) -> tuple[torch.Tensor, Decoder, DecodingSequence]:
     """A decoder holding one sequence for `prompt`, ready to step: (the prompt's ids, the decoder, the sequence).
-    `tree` > 0 drafts trees of up to that many nodes (greedy decoding, mode quadratic; see `Decoder`)."""
+    `tree` > 0 drafts trees of up to that many nodes (mode quadratic), 0 a chain; None (the default) takes what the
+    adapter's config recommends for this device when k is not given either (see `Decoder`)."""
     if max_new_tokens < 0:
         raise MaskspecError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from maskspec.decode.api import StreamChunk, generate, stream
-from maskspec.decode.steps import MODES, resolve_k
+from maskspec.decode.steps import MODES, resolve_k, resolve_tree
 from maskspec.decode.verify import SamplingConfig, check_seed
 from maskspec.errors import MaskspecError, UsageError
 from maskspec.loading import load_for_decoding
@@ -27,7 +27,7 @@ def load_for_cli(model: str, adapter: Optional[str], mode: str, dtype: str, devi
     return load_for_decoding(model, adapter, mode=mode, k=k, dtype=dtype, device=device, notice=notice)
 
 
-def check_tree(tree: int, mode: str) -> None:
+def check_tree(tree: int | None, mode: str) -> None:
     if tree and mode != "quadratic":
         raise UsageError(f"--tree needs --mode quadratic (a mask block after every node), got --mode {mode}")
 
@@ -67,8 +67,9 @@ def register(app: typer.Typer) -> None:
         mode: str = typer.Option("quadratic", "--mode", callback=check_mode, help="quadratic | linear | ar"),
         k: Optional[int] = typer.Option(None, "--k", help="Drafts per step (default: the k the adapter's config "
                                                           "recommends for this device, else its k)."),
-        tree: int = typer.Option(0, "--tree", min=0, help="Draft trees of up to N nodes (greedy, mode quadratic; "
-                                                      "0: a chain)."),
+        tree: Optional[int] = typer.Option(None, "--tree", min=0, help="Draft trees of up to N nodes (mode "
+                                           "quadratic; 0: a chain; default: what the adapter's config recommends "
+                                           "for this device when --k is not given either)."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", min=0),
         temperature: float = typer.Option(0.0, "--temperature", "-t"),
         top_p: float = typer.Option(1.0, "--top-p"),
@@ -83,7 +84,7 @@ def register(app: typer.Typer) -> None:
         check_sampling(temperature, top_p, top_k, seed)
         check_tree(tree, mode)
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
-        tree = tree if mode == "quadratic" else 0  # no adapter: the fallback to ar drafts nothing
+        tree = resolve_tree(mtp, mode, k, tree if mode == "quadratic" else None)  # fallback to ar: no drafts
 
         def show(chunk: StreamChunk) -> None:
             if not as_json:
@@ -111,7 +112,8 @@ def register(app: typer.Typer) -> None:
         adapter: Optional[str] = typer.Option(None, "--adapter", "-a"),
         mode: str = typer.Option("quadratic", "--mode", callback=check_mode),
         k: Optional[int] = typer.Option(None, "--k"),
-        tree: int = typer.Option(0, "--tree", min=0, help="Draft trees of up to N nodes (0: a chain)."),
+        tree: Optional[int] = typer.Option(None, "--tree", min=0, help="Draft trees of up to N nodes (0: a chain; "
+                                           "default: the adapter's recommendation for this device)."),
         max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1),
         temperature: float = typer.Option(0.0, "--temperature", "-t"),
         system: Optional[str] = typer.Option(None, "--system", help="System message."),
@@ -122,7 +124,7 @@ def register(app: typer.Typer) -> None:
         check_sampling(temperature)
         check_tree(tree, mode)
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
-        tree = tree if mode == "quadratic" else 0
+        tree = resolve_tree(mtp, mode, k, tree if mode == "quadratic" else None)
         history: list[dict] = [{"role": "system", "content": system}] if system else []
         typer.secho("maskspec chat: /reset clears the conversation, /exit quits, Ctrl-C stops an answer.",
                     fg=typer.colors.BRIGHT_BLACK)

@@ -35,11 +35,11 @@ from transformers import DynamicCache
 
 from maskspec.decode import kv
 from maskspec.decode.drafters import DraftContext, Drafter, DraftProposal, DraftRequest, SamplerChain, TreeDrafter
-from maskspec.decode.steps import block_heads, drafts_within_budget, layout_parents, resolve_k
+from maskspec.decode.steps import block_heads, drafts_within_budget, layout_parents, resolve_k, resolve_tree
 from maskspec.decode.stopping import FinishReason, Stopping, context_length, plan_budget
 from maskspec.decode.types import GenerationStats
 from maskspec.decode.verify import (SamplingConfig, accept_greedy, accept_greedy_tree, accept_sampling,
-                                    new_generator, sample, warped_probs)
+                                    accept_sampling_tree, new_generator, sample, warped_probs)
 from maskspec.errors import UsageError
 from maskspec.model.layout import Layout, build_layout, pad_rows_attention
 
@@ -94,20 +94,17 @@ class StepEvent:
 class Decoder:
     """Decodes one or many sequences together: `add` queues a sequence, `step` runs one pass over the running
     sequences (plus one prefill pass over newcomers) and reports what each gained. `drafter` proposes the drafts
-    (default: the sampler chain; with `tree` > 0, draft trees of up to that many nodes, `TreeDrafter`)."""
+    (default: the sampler chain; with `tree` > 0, draft trees of up to that many nodes, `TreeDrafter`). tree None:
+    the size the adapter's config recommends for this device, if k is not given either (`steps.resolve_tree`)."""
 
     def __init__(self, mtp: "MTPModel", mode: str = "quadratic", k: int | None = None,
-                 drafter: Drafter | None = None, tree: int = 0, tree_width: int = 2) -> None:
+                 drafter: Drafter | None = None, tree: int | None = None, tree_width: int = 2) -> None:
         self.mtp = mtp
         self.mode = mode
         self.k = resolve_k(mtp, mode, k)
-        if tree < 0:
-            raise UsageError(f"tree must be >= 0 (0: a chain), got {tree}")
-        if tree and mode != "quadratic":
-            raise UsageError("draft trees need mode quadratic (a mask block after every node)")
-        self.tree = tree
+        self.tree = resolve_tree(mtp, mode, k, tree)
         if drafter is None:
-            drafter = TreeDrafter(mtp, tree, tree_width) if tree else SamplerChain(mtp)
+            drafter = TreeDrafter(mtp, self.tree, tree_width) if self.tree else SamplerChain(mtp)
         self.drafter: Drafter = drafter
         self.running: list[DecodingSequence] = []
         self.pending: list[DecodingSequence] = []
@@ -393,9 +390,10 @@ def _verify(logits: torch.Tensor, drafts: DraftProposal, s: DecodingSequence) ->
     """(the accepted drafts as indices, the token after them) from the base head's logits at the step's normal
     rows: a prefix of a chain, a root-to-leaf path of a tree."""
     if drafts.parents is not None:
-        if not s.sampling.greedy:
-            raise ValueError("draft trees are verified greedily only")
-        return accept_greedy_tree(drafts.tokens, drafts.parents, logits.argmax(dim=-1).tolist())
+        if s.sampling.greedy:
+            return accept_greedy_tree(drafts.tokens, drafts.parents, logits.argmax(dim=-1).tolist())
+        return accept_sampling_tree(drafts.tokens, drafts.parents, drafts.probs, warped_probs(logits, s.sampling),
+                                    s.generator)
     if s.sampling.greedy:
         accepted, bonus = accept_greedy(drafts.tokens, logits.argmax(dim=-1).tolist())
     else:

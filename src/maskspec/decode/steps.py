@@ -36,6 +36,19 @@ def resolve_k(mtp: "MTPModel", mode: str, k: int | None) -> int:
     return k if mode != "ar" else 0
 
 
+def resolve_tree(mtp: "MTPModel", mode: str, k: int | None, tree: int | None) -> int:
+    """The draft-tree size a decoder runs with (0: a chain). None: the size the adapter's config recommends for
+    this device (`mtp.default_tree`), used only when no k was given either (a k chosen by hand gets a chain) and
+    only in mode quadratic. UsageError for a negative size, or a tree outside mode quadratic."""
+    if tree is None:
+        return mtp.default_tree if k is None and mode == "quadratic" else 0
+    if not isinstance(tree, int) or tree < 0:
+        raise UsageError(f"tree must be an integer >= 0 (0: a chain), got {tree!r}")
+    if tree and mode != "quadratic":
+        raise UsageError("draft trees need mode quadratic (a mask block after every node)")
+    return tree
+
+
 def block_heads(mode: str, k: int, num_normal: int, prefill: bool) -> list[int]:
     """Which normal rows of a step get a mask block: none for the reference loop; after the last row for the
     prefill and for linear decoding; after every row (y0 and each draft) for quadratic decoding."""
@@ -55,14 +68,16 @@ def drafts_within_budget(proposal: DraftProposal, tokens_left: int) -> DraftProp
         return DraftProposal(proposal.tokens[:limit], proposal.probs[:limit])
     depth: list[int] = []
     kept: dict[int, int] = {-1: -1}  # old index -> new index
-    tokens, parents = [], []
+    tokens, parents, probs = [], [], []
     for i, (token, parent) in enumerate(zip(proposal.tokens, proposal.parents)):
         depth.append(1 + (depth[parent] if parent >= 0 else 0))
         if depth[i] <= limit and parent in kept:
             kept[i] = len(tokens)
             tokens.append(token)
             parents.append(kept[parent])
-    return DraftProposal(tokens, parents=parents)
+            if proposal.probs:
+                probs.append(proposal.probs[i])
+    return DraftProposal(tokens, probs, parents=parents)
 
 
 def layout_parents(proposal: DraftProposal) -> list[int] | None:

@@ -7,7 +7,9 @@ Sampling: standard speculative rejection sampling. Draft d_j was sampled from q_
 distribution); it is accepted with probability min(1, p_j(d_j) / q_j(d_j)), where p_j is the base model's
 warped distribution at that position. On the first rejection the replacement token is drawn from
 normalise(max(0, p_j - q_j)); if every draft is accepted the bonus is drawn from p after the last draft. The
-emitted tokens are then distributed exactly as plain sampling from p.
+emitted tokens are then distributed exactly as plain sampling from p. Over a draft tree the same rule runs at
+every node over its children in turn, each rejection leaving the residual as the next child's target
+(`accept_sampling_tree`).
 """
 
 from __future__ import annotations
@@ -138,16 +140,65 @@ def accept_greedy_tree(tokens: list[int], parents: list[int], target_argmax: lis
 def accept_sampling(drafts: list[int], draft_probs: list[torch.Tensor], target_probs: torch.Tensor,
                     generator: torch.Generator | None) -> tuple[int, int]:
     """(number of drafts accepted, next token) under rejection sampling. target_probs: (len(drafts)+1, V);
-    draft_probs[j]: the distribution draft j was sampled from."""
-    for j, token in enumerate(drafts):
-        p = target_probs[j]
-        q = draft_probs[j]
-        ratio = (p[token] / q[token]).item() if q[token] > 0 else float("inf")
-        u = torch.rand((), generator=generator, device=p.device).item()
-        if u < min(1.0, ratio):
-            continue
-        residual = (p - q).clamp(min=0)
-        total = residual.sum()
-        # p == q up to rounding: the residual is empty; any draw from p is then exact.
-        return j, sample(residual / total if total > 0 else p, generator)
-    return len(drafts), sample(target_probs[len(drafts)], generator)
+    draft_probs[j]: the distribution draft j was sampled from. A chain is the tree whose draft j hangs off
+    draft j - 1: `accept_sampling_tree` is the one rule."""
+    path, token = accept_sampling_tree(drafts, list(range(-1, len(drafts) - 1)), draft_probs, target_probs,
+                                       generator)
+    return len(path), token
+
+
+def accept_sampling_tree(tokens: list[int], parents: list[int], draft_probs: list[torch.Tensor | None],
+                         target_probs: torch.Tensor, generator: torch.Generator | None) -> tuple[list[int], int]:
+    """Recursive rejection sampling over a draft tree: (the accepted path as node indices, root to leaf; the token
+    after it), distributed exactly as plain sampling from the target.
+
+    Node i holds tokens[i], hangs off parents[i] (-1: the newest verified token) and was drawn from
+    draft_probs[i]; siblings that share one distribution (the same tensor) were drawn from it one after another
+    without replacement, in index order; None marks a point mass (a token chosen without sampling). At a node
+    with target p (target_probs[0] at the root, target_probs[1 + i] after node i), the children are tried in
+    order: child c, drawn from r (its distribution without its earlier siblings from the same one,
+    renormalised), is accepted with probability min(1, p(c) / r(c)); on rejection p becomes
+    normalise(max(0, p - r)) for the next child. The first accepted child is where the walk goes on; if none is,
+    the token is drawn from the last p.
+
+    Why this is exact: given the earlier siblings, child c is a draw from r, so one try is one step of ordinary
+    rejection sampling with target p, whose rejection branch needs a draw from normalise(max(0, p - r)), which
+    is what the remaining children and the final draw produce (by induction on the number of children left).
+    This is SpecInfer's multi-draft rule with siblings drawn without replacement (as in recursive speculative
+    decoding, Jeon et al. 2024): no second try is spent on a token already rejected, and a point-mass sibling
+    (prompt lookup) fits the same rule."""
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(parents):
+        children.setdefault(parent, []).append(i)
+    path: list[int] = []
+    at = -1
+    while True:
+        p = target_probs[at + 1]
+        drawn: dict[int, list[int]] = {}  # id of a shared distribution -> its tokens tried so far at this node
+        accepted = None
+        for child in children.get(at, ()):
+            token, q = tokens[child], draft_probs[child]
+            if q is None:
+                r = torch.zeros_like(p)
+                r[token] = 1.0
+            else:
+                earlier = drawn.setdefault(id(q), [])
+                r = q
+                if earlier:
+                    r = q.clone()
+                    r[earlier] = 0
+                    r = r / r.sum()
+                earlier.append(token)
+            ratio = (p[token] / r[token]).item() if r[token] > 0 else float("inf")
+            u = torch.rand((), generator=generator, device=p.device).item()
+            if u < min(1.0, ratio):
+                accepted = child
+                break
+            residual = (p - r).clamp(min=0)
+            total = residual.sum()
+            # p == r up to rounding: the residual is empty; p itself is then exact.
+            p = residual / total if total > 0 else p
+        if accepted is None:
+            return path, sample(p, generator)
+        path.append(accepted)
+        at = accepted
