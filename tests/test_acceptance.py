@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from maskspec.bench.acceptance import draft_matches, simulate
+from maskspec.bench.acceptance import TreeShape, draft_matches, simulate, tree_matches
 from maskspec.decode.api import generate
 from maskspec.train.data import Example
 from maskspec.train.trainer import TrainConfig, train
@@ -107,6 +107,45 @@ def _check_simulated_passes(mtp, prompts, vocab):
         assert restricted > 0 and from_context > 0
 
 
+@pytest.mark.parametrize("vocab", ["trained", "small"])
+def test_simulated_tree_passes_equal_real_decoding(trained_tiny, vocab):
+    """Trees of several shapes (with and without the prompt-lookup branch), simulated from one teacher-forced
+    pass, need exactly the passes real tree decoding needs, and their node counts are the real trees' sizes."""
+    from maskspec.decode.decoder import Decoder
+    from maskspec.decode.drafters import TreeDrafter
+
+    mtp, prompts = trained_tiny
+    trained_vocab = mtp.draft_vocab
+    if vocab == "small":
+        mtp.set_draft_vocab(sorted(random.Random(0).sample(range(3, 128), 30) + [2]))
+    shapes = [TreeShape(2, 3), TreeShape(3, 6), TreeShape(3, 4, width=3, lookup=False), TreeShape(1, 2)]
+    try:
+        beyond_chain = 0
+        for prompt in prompts:
+            answer = list(generate(mtp, prompt, max_new_tokens=30, mode="ar").new_token_ids)
+            chain, _, _ = draft_matches(mtp, prompt, answer, ["sampler"])
+            matches, nodes = tree_matches(mtp, prompt, answer, shapes)
+            for shape in shapes:
+                drafter = TreeDrafter(mtp, shape.budget, shape.width, shape.lookup)
+                decoder = Decoder(mtp, mode="quadratic", k=shape.k, drafter=drafter)
+                seq = decoder.add(prompt, 30)
+                sizes = []
+                while decoder.has_work():
+                    decoder.step()
+                    if not seq.finished:
+                        sizes.append(len(seq.proposal.tokens))
+                assert seq.output == answer
+                steps: list[int] = []
+                assert seq.stats.forward_passes == simulate(matches[shape.key], shape.k, len(answer), "quadratic",
+                                                            steps), (prompt, shape)
+                # the trees the decoder verified are the simulated ones (the last step's drafts are never used)
+                assert [nodes[shape.key][h] for h in steps] == sizes[:len(steps)]
+                beyond_chain += sum(t > min(c, shape.k) for t, c in zip(matches[shape.key], chain["sampler"]))
+        assert beyond_chain > 5  # the trees really accepted more than the chain somewhere
+    finally:
+        mtp.set_draft_vocab(trained_vocab)
+
+
 @pytest.mark.slow  # the embedded model's tokenizer
 def test_acceptance_cli(tmp_path, monkeypatch):
     from maskspec.cli import app
@@ -131,6 +170,23 @@ def test_acceptance_cli(tmp_path, monkeypatch):
         assert set(row["tau"]) == {"1", "2"} and all(1.0 <= t <= 3.0 for t in row["tau"].values())
     assert len(payload["prompts"]) == 2 and "| domain | drafter |" in (out / "acceptance.md").read_text()
 
+    trees = CliRunner().invoke(app, args[:-2] + ["--tree", "3,5", "--tree-k", "1,2", "--out", str(tmp_path / "t")])
+    assert trees.exit_code == 0, trees.output + repr(trees.exception)
+    tree_payload = json.loads((tmp_path / "t" / "acceptance.json").read_text())
+    assert tree_payload["config"]["trees"] == ["k1-tree3-w2", "k1-tree5-w2", "k2-tree3-w2", "k2-tree5-w2"]
+    shapes = [r["shape"] for r in tree_payload["tree_results"] if r["domain"] == "all"]
+    assert shapes == ["k1-chain", "k2-chain", "k1-tree3-w2", "k1-tree5-w2", "k2-tree3-w2", "k2-tree5-w2"]
+    for r in tree_payload["tree_results"]:
+        assert 1.0 <= r["tau"] <= r["k"] + 1 and r["mean_rows"] == (r["mean_nodes"] + 1) * (r["k"] + 1)
+    # The chain rows of the tree table are the main table's tau at the same k.
+    chain_k2 = next(r for r in tree_payload["tree_results"] if r["shape"] == "k2-chain" and r["domain"] == "all")
+    main_k2 = next(r for r in tree_payload["results"] if (r["domain"], r["drafter"], r["mode"]) ==
+                   ("all", "sampler", "quadratic"))["tau"]["2"]
+    assert chain_k2["tau"] == pytest.approx(main_k2)
+    assert "| all | k2-tree5-w2 |" in (tmp_path / "t" / "acceptance.md").read_text()
+    too_deep = CliRunner().invoke(app, args[:-2] + ["--tree", "3", "--tree-k", "3", "--out", str(tmp_path / "u")])
+    assert too_deep.exit_code != 0 and "at most k = 2" in str(too_deep.exception)
+
     bad = CliRunner().invoke(app, args[:-2] + ["--drafters", "oracle", "--out", str(out)])
     assert bad.exit_code != 0 and "--drafters" in str(bad.exception)
 
@@ -152,6 +208,45 @@ def test_acceptance_cli(tmp_path, monkeypatch):
     answers.write_text("{not json")
     broken = CliRunner().invoke(app, args + ["--answers", str(answers)])
     assert broken.exit_code != 0 and "--answers" in str(broken.exception)
+
+
+@pytest.mark.parametrize("vocab", ["trained", "small"])
+def test_simulated_tree_passes_equal_real_decoding(trained_tiny, vocab):
+    """Trees of several shapes (with and without the prompt-lookup branch), simulated from one teacher-forced
+    pass, need exactly the passes real tree decoding needs, and their node counts are the real trees' sizes."""
+    from maskspec.decode.decoder import Decoder
+    from maskspec.decode.drafters import TreeDrafter
+
+    mtp, prompts = trained_tiny
+    trained_vocab = mtp.draft_vocab
+    if vocab == "small":
+        mtp.set_draft_vocab(sorted(random.Random(0).sample(range(3, 128), 30) + [2]))
+    shapes = [TreeShape(2, 3), TreeShape(3, 6), TreeShape(3, 4, width=3, lookup=False), TreeShape(1, 2)]
+    try:
+        beyond_chain = 0
+        for prompt in prompts:
+            answer = list(generate(mtp, prompt, max_new_tokens=30, mode="ar").new_token_ids)
+            chain, _, _ = draft_matches(mtp, prompt, answer, ["sampler"])
+            matches, nodes = tree_matches(mtp, prompt, answer, shapes)
+            for shape in shapes:
+                drafter = TreeDrafter(mtp, shape.budget, shape.width, shape.lookup)
+                decoder = Decoder(mtp, mode="quadratic", k=shape.k, drafter=drafter)
+                seq = decoder.add(prompt, 30)
+                sizes = []
+                while decoder.has_work():
+                    decoder.step()
+                    if not seq.finished:
+                        sizes.append(len(seq.proposal.tokens))
+                assert seq.output == answer
+                steps: list[int] = []
+                assert seq.stats.forward_passes == simulate(matches[shape.key], shape.k, len(answer), "quadratic",
+                                                            steps), (prompt, shape)
+                # the trees the decoder verified are the simulated ones (the last step's drafts are never used)
+                assert [nodes[shape.key][h] for h in steps] == sizes[:len(steps)]
+                beyond_chain += sum(t > min(c, shape.k) for t, c in zip(matches[shape.key], chain["sampler"]))
+        assert beyond_chain > 5  # the trees really accepted more than the chain somewhere
+    finally:
+        mtp.set_draft_vocab(trained_vocab)
 
 
 @pytest.mark.slow  # the embedded model's tokenizer

@@ -101,6 +101,28 @@ def test_bench_end_to_end(tiny_folders, tmp_path):
 
 
 @pytest.mark.slow  # the embedded model's tokenizer
+def test_bench_with_draft_trees(tiny_folders, tmp_path):
+    model_dir, adapter_dir = tiny_folders
+    out = tmp_path / "out"
+    result = CliRunner().invoke(bench_app(), [
+        "bench", "--model", str(model_dir), "--adapter", str(adapter_dir), "--domains", "math", "--n", "2",
+        "--modes", "linear,quadratic", "--k", "2", "--tree", "0,4", "--max-new-tokens", "10", "--no-plots",
+        "--baselines", "hf", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["config"]["trees"] == [0, 4]
+    assert payload["config"]["methods"] == ["hf", "quadratic k=2", "quadratic k=2 tree=4", "linear k=2"]
+    trees = [r for r in payload["results"] if r.get("tree")]
+    assert trees and all(r["mode"] == "quadratic" and r["exact_match"] == 1.0 for r in trees)
+    assert "k=2 tree=4" in (out / "report.md").read_text()
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert sorted({r["tree"] for r in records}) == [0, 4]
+    refused = CliRunner().invoke(bench_app(), ["bench", "--model", str(model_dir), "--adapter", str(adapter_dir),
+                                               "--modes", "linear", "--tree", "4", "--out", str(tmp_path / "x")])
+    assert refused.exit_code != 0 and "--tree needs quadratic" in str(refused.exception)
+
+
+@pytest.mark.slow  # the embedded model's tokenizer
 def test_bench_without_adapter_runs_baselines_and_ar(tiny_folders, tmp_path):
     model_dir, _ = tiny_folders
     out = tmp_path / "out"

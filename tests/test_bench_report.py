@@ -85,7 +85,7 @@ def test_aggregate_tau_speedup_exact_match(records):
     assert lookup_code["forward_passes"] == 3 and lookup_code["tokens_per_pass"] == 2.0
 
     assert mismatches == [{"prompt_id": "p3", "domain": "code", "method": "maskspec", "mode": "quadratic", "k": 2,
-                           "label": "quadratic k=2", "repeat": 0, "first_difference": 3, "new_tokens": 6,
+                           "tree": 0, "label": "quadratic k=2", "repeat": 0, "first_difference": 3, "new_tokens": 6,
                            "baseline_new_tokens": 6, "matches_ar": None}]
     assert row(rows, "code", "quadratic k=2")["exact_match_vs_ar"] is None  # mode ar did not run
 

@@ -22,10 +22,11 @@ the README compares the two on the same prompts.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
+from maskspec.decode.drafters import add_lookup_branch, grow_trees
 from maskspec.decode.steps import DRAFT_MODES
 from maskspec.model.layout import build_layout
 from maskspec.model.mtp import MTPModel
@@ -48,31 +49,69 @@ class PromptProfile:
     # drafter -> per mask offset j (1..k): teacher-forced top-1 hits and the number of scored rows
     offset_hits: dict[str, list[int]] = field(default_factory=dict)
     offset_total: list[int] = field(default_factory=list)
+    # TreeShape.key -> per head: the depth of the tree path that equals the continuation, and the tree's nodes
+    tree_matches: dict[str, list[int]] = field(default_factory=dict)
+    tree_nodes: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class TreeShape:
+    """A draft-tree setting of the decoder: k masks per block, `budget` sampler nodes, `width` children per node
+    and per depth, and whether the prompt-lookup branch is added (`decode.drafters.TreeDrafter`)."""
+
+    k: int
+    budget: int
+    width: int = 2
+    lookup: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"k{self.k}-tree{self.budget}-w{self.width}" + ("" if self.lookup else "-nolookup")
+
+
+@dataclass
+class BlockPass:
+    """One teacher-forced pass over prompt + continuation with a mask block after every head."""
+
+    sequence: list[int]
+    heads: list[int]
+    hidden: torch.Tensor | None
+    layout: Any
+
+
+@torch.inference_mode()
+def block_pass(mtp: MTPModel, prompt_ids: Sequence[int], continuation: Sequence[int]) -> BlockPass:
+    """The heads are the last prompt token, then each continuation token but the last."""
+    sequence = list(prompt_ids) + list(continuation)
+    heads = list(range(len(prompt_ids) - 1, len(sequence) - 1))
+    if not heads:
+        return BlockPass(sequence, heads, None, None)
+    layout = build_layout(len(sequence), heads, mtp.k, device=mtp.device)
+    ids = torch.tensor([sequence], device=mtp.device)
+    with mtp.decoding_session():
+        hidden = mtp.forward_layout(ids, layout).hidden[0]
+    return BlockPass(sequence, heads, hidden, layout)
+
+
 @torch.inference_mode()
 def draft_matches(mtp: MTPModel, prompt_ids: Sequence[int], continuation: Sequence[int],
-                  drafters: Sequence[str] = DRAFTERS) -> tuple[dict[str, list[int]], dict[str, list[int]], list[int]]:
+                  drafters: Sequence[str] = DRAFTERS, passed: BlockPass | None = None
+                  ) -> tuple[dict[str, list[int]], dict[str, list[int]], list[int]]:
     """For each head h (the last prompt token, then each continuation token but the last) the number of
     leading drafts of the block after h that equal the continuation. Also per-offset hit counts.
-    Returns (matches, offset_hits, offset_total)."""
+    Returns (matches, offset_hits, offset_total). `passed`: the `block_pass` of these tokens, if already run."""
     for name in drafters:
         if name not in DRAFTERS:
             raise ValueError(f"drafter must be one of {DRAFTERS}, got {name!r}")
     k = mtp.k
-    sequence = list(prompt_ids) + list(continuation)
-    first_head = len(prompt_ids) - 1
-    heads = list(range(first_head, len(sequence) - 1))
+    passed = passed or block_pass(mtp, prompt_ids, continuation)
+    sequence, heads, hidden, layout = passed.sequence, passed.heads, passed.hidden, passed.layout
     empty = {name: [] for name in drafters}
     if not heads:
         return empty, {name: [0] * k for name in drafters}, [0] * k
-    layout = build_layout(len(sequence), heads, k, device=mtp.device)
-    ids = torch.tensor([sequence], device=mtp.device)
-    with mtp.decoding_session():
-        hidden = mtp.forward_layout(ids, layout).hidden[0]
 
     # Mask j (0-based) of the block after head h predicts sequence[h + 2 + j], with the token before it
     # (sequence[h + 1 + j]) as the sampler's previous token. Rows past the end of the sequence are not scored.
@@ -125,12 +164,14 @@ def draft_matches(mtp: MTPModel, prompt_ids: Sequence[int], continuation: Sequen
     return matches, offset_hits, total
 
 
-def simulate(matches: Sequence[int], k: int, new_tokens: int, mode: str = "quadratic") -> int:
+def simulate(matches: Sequence[int], k: int, new_tokens: int, mode: str = "quadratic",
+             drafting_heads: list[int] | None = None) -> int:
     """Forward passes that greedy decoding with k drafts needs for `new_tokens` tokens, given `matches` from
     `draft_matches`. The prefill gives the first token; each step accepts up to k drafts (never drafting past
     the token budget) plus one token from the normal head. Quadratic mode always has the block after the last
     accepted token; linear mode has only the block after the last draft, so after a rejection its next step
-    runs without drafts (one token, and a block after it)."""
+    runs without drafts (one token, and a block after it). `drafting_heads`, if given, gets the head of every
+    step that verifies drafts (whose drafts came from the block after that head)."""
     if mode not in DRAFT_MODES:
         raise ValueError(f"mode must be one of {DRAFT_MODES}, got {mode!r}")
     if new_tokens <= 0:
@@ -143,7 +184,64 @@ def simulate(matches: Sequence[int], k: int, new_tokens: int, mode: str = "quadr
             continue
         allowed = min(k, new_tokens - produced - 1)
         accepted = min(matches[head], allowed)
+        if drafting_heads is not None and allowed > 0:
+            drafting_heads.append(head)
         produced += accepted + 1
         head += accepted + 1
         have_drafts = mode == "quadratic" or accepted == allowed
     return passes
+
+
+@torch.inference_mode()
+def tree_matches(mtp: MTPModel, prompt_ids: Sequence[int], continuation: Sequence[int],
+                 shapes: Sequence[TreeShape], passed: BlockPass | None = None
+                 ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Greedy decoding with draft trees, simulated exactly: for each head h and tree shape, the tree the decoder
+    would draft from the block after h and how deep its path along the continuation goes (what greedy tree
+    verification accepts there; `simulate` walks these as it walks a chain's matches).
+
+    A block's latents depend only on the tokens up to its head (not on the branch a step takes), and its first
+    mask's prev is the token after h, which that step verifies; the tree is then grown by the decoder's own
+    `grow_trees` from those latents (its first k masks), over the draft vocabulary and the context tokens decoding
+    has seen by then (sequence[:h + 2]), plus the prompt-lookup branch of that context.
+    Returns (shape key -> matches per head, shape key -> the tree's node count per head)."""
+    passed = passed or block_pass(mtp, prompt_ids, continuation)
+    sequence, heads = passed.sequence, passed.heads
+    matches = {shape.key: [] for shape in shapes}
+    nodes = {shape.key: [] for shape in shapes}
+    if not heads:
+        return matches, nodes
+    device = mtp.device
+    blocks = torch.stack([passed.hidden[passed.layout.block_rows(h)] for h in heads])  # (H, adapter k, d)
+    prev = [sequence[h + 1] for h in heads]
+    extra, allowed = None, None
+    if mtp.draft_vocab_set:  # context columns: a head's block may draft the tokens seen up to h + 1
+        seq_t = torch.tensor(sequence, device=device)
+        extra = mtp.draft_extra_ids(seq_t)
+        first_seen = torch.full((mtp.vocab_size,), len(sequence), dtype=torch.long, device=device)
+        first_seen.scatter_reduce_(0, seq_t, torch.arange(len(sequence), device=device), "amin")
+        seen = first_seen[extra][None, :] <= torch.tensor(heads, device=device)[:, None] + 1
+        vocab = torch.ones(len(heads), mtp.draft_vocab.numel(), dtype=torch.bool, device=device)
+        allowed = torch.cat([vocab, seen], dim=1)
+    for shape in shapes:
+        if not 1 <= shape.k <= mtp.k:
+            raise ValueError(f"tree k must be in 1..{mtp.k}, got {shape.k}")
+        trees = grow_trees(mtp, blocks[:, :shape.k], prev, budget=shape.budget, width=shape.width,
+                           extra_ids=extra, allowed=allowed)
+        for h, tree in zip(heads, trees):
+            if shape.lookup:
+                add_lookup_branch(tree, sequence[:h + 2], shape.k)
+            matches[shape.key].append(_path_depth(tree.tokens, tree.parents, sequence[h + 2:h + 2 + shape.k]))
+            nodes[shape.key].append(len(tree.tokens))
+    return matches, nodes
+
+
+def _path_depth(tokens: Sequence[int], parents: Sequence[int], truth: Sequence[int]) -> int:
+    """How many tokens of `truth` a root-to-leaf path of the tree spells (siblings hold distinct tokens)."""
+    at, depth = -1, 0
+    for want in truth:
+        nxt = next((i for i, (t, p) in enumerate(zip(tokens, parents)) if p == at and t == want), None)
+        if nxt is None:
+            break
+        at, depth = nxt, depth + 1
+    return depth

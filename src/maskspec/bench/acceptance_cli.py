@@ -10,7 +10,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import typer
 
-from maskspec.bench.acceptance import DRAFTERS, PromptProfile, draft_matches, simulate
+from maskspec.bench.acceptance import (DRAFTERS, PromptProfile, TreeShape, block_pass, draft_matches, simulate,
+                                       tree_matches)
 from maskspec.errors import MaskspecError
 from maskspec.files import atomic_write_text
 
@@ -27,8 +28,9 @@ ACCEPTANCE_HELP = (
 
 def profile_prompts(mtp: Any, prompts: Sequence[Any], max_new_tokens: int, drafters: Sequence[str],
                     on_done: Callable[[PromptProfile], None] | None = None,
-                    answers: dict[str, dict[str, Any]] | None = None) -> list[PromptProfile]:
-    """Decode each prompt greedily and measure its draft matches. `answers` (prompt id -> {"prompt_ids",
+                    answers: dict[str, dict[str, Any]] | None = None,
+                    trees: Sequence[TreeShape] = ()) -> list[PromptProfile]:
+    """Decode each prompt greedily and measure its draft matches (and those of each draft-tree shape). `answers` (prompt id -> {"prompt_ids",
     "max_new_tokens", "token_ids"}) holds greedy answers from earlier runs: they depend on the base model only,
     so adapters can be compared without decoding again. New answers are added to it."""
     from maskspec.decode.api import generate, prepare_input_ids
@@ -43,8 +45,11 @@ def profile_prompts(mtp: Any, prompts: Sequence[Any], max_new_tokens: int, draft
         else:
             continuation = list(generate(mtp, ids, max_new_tokens=max_new_tokens, mode="ar").new_token_ids)
             answers[prompt.id] = {"prompt_ids": ids, "max_new_tokens": max_new_tokens, "token_ids": continuation}
-        matches, hits, total = draft_matches(mtp, ids, continuation, drafters)
+        passed = block_pass(mtp, ids, continuation)
+        matches, hits, total = draft_matches(mtp, ids, continuation, drafters, passed=passed)
         profile = PromptProfile(prompt.id, prompt.domain, len(ids), len(continuation), matches, hits, total)
+        if trees:
+            profile.tree_matches, profile.tree_nodes = tree_matches(mtp, ids, continuation, trees, passed=passed)
         profiles.append(profile)
         if on_done is not None:
             on_done(profile)
@@ -74,6 +79,48 @@ def summarize(profiles: Sequence[PromptProfile], k_max: int, drafters: Sequence[
     return rows
 
 
+def summarize_trees(profiles: Sequence[PromptProfile], shapes: Sequence[TreeShape],
+                    chain_k: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """One row per (domain, tree shape), domains in first-seen order then "all": tau of greedy quadratic decoding
+    with that tree, the mean draft nodes a step verifies, and the mean rows of its pass ((nodes + 1) x (k + 1):
+    a block after y0 and after every node). Chains of k in `chain_k` come first, as the trees' reference."""
+    domains = list(dict.fromkeys(p.domain for p in profiles)) + ["all"]
+    rows = []
+    for domain in domains:
+        group = [p for p in profiles if domain in ("all", p.domain)]
+        tokens = sum(p.new_tokens for p in group)
+        for k in chain_k:
+            passes, steps = 0, []
+            for p in group:
+                passes += simulate(p.matches["sampler"], k, p.new_tokens, "quadratic", steps)
+            rows.append(_tree_row(domain, f"k{k}-chain", k, 0, len(group), tokens, passes, [k] * len(steps)))
+        for shape in shapes:
+            passes, nodes = 0, []
+            for p in group:
+                steps: list[int] = []
+                passes += simulate(p.tree_matches[shape.key], shape.k, p.new_tokens, "quadratic", steps)
+                nodes += [p.tree_nodes[shape.key][h] for h in steps]
+            rows.append(_tree_row(domain, shape.key, shape.k, shape.budget, len(group), tokens, passes, nodes))
+    return rows
+
+
+def _tree_row(domain: str, key: str, k: int, budget: int, prompts: int, tokens: int, passes: int,
+              nodes: Sequence[int]) -> dict[str, Any]:
+    mean_nodes = sum(nodes) / len(nodes) if nodes else 0.0
+    return {"domain": domain, "shape": key, "k": k, "tree": budget, "prompts": prompts, "new_tokens": tokens,
+            "tau": tokens / passes if passes else None, "mean_nodes": mean_nodes,
+            "mean_rows": (mean_nodes + 1) * (k + 1)}
+
+
+def tree_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| domain | shape | prompts | tau | nodes per step | rows per pass |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        tau = "-" if r["tau"] is None else f"{r['tau']:.2f}"
+        lines.append(f"| {r['domain']} | {r['shape']} | {r['prompts']} | {tau} | {r['mean_nodes']:.1f} | "
+                     f"{r['mean_rows']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: Sequence[dict[str, Any]], k_max: int) -> str:
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}"
@@ -98,14 +145,17 @@ def markdown(rows: Sequence[dict[str, Any]], k_max: int) -> str:
 def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite: Optional[Path] = None,
                    domains: Optional[str] = None, n: Optional[int] = None, max_new_tokens: int = 128,
                    drafters: str = "sampler,head", out: Optional[Path] = None, device: str = "cpu",
-                   dtype: str = "fp32", answers: Optional[Path] = None, modes: str = "quadratic,linear"
-                   ) -> dict[str, Any]:
-    """The whole command (also callable from Python). Returns the acceptance.json payload."""
+                   dtype: str = "fp32", answers: Optional[Path] = None, modes: str = "quadratic,linear",
+                   tree: Optional[str] = None, tree_k: Optional[str] = None, tree_width: int = 2,
+                   tree_lookup: bool = True) -> dict[str, Any]:
+    """The whole command (also callable from Python). Returns the acceptance.json payload. `tree`: draft tree
+    sizes (node budgets) to simulate, each at every k of `tree_k` (default 2,4,8 up to the adapter's k)."""
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
     from maskspec.adapter import shipped_adapter_for
-    from maskspec.bench.cli import check_choices, check_out_folder, split_option
+    from maskspec.adapter import read_adapter_config, resolve_adapter
+    from maskspec.bench.cli import check_choices, check_out_folder, parse_ints, split_option
     from maskspec.bench.runner import system_info
     from maskspec.decode.steps import DRAFT_MODES
     from maskspec.bench.suites import load_suite, select_prompts
@@ -124,6 +174,17 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
         adapter = shipped_adapter_for(model)
         if adapter is None:
             raise MaskspecError(f"no adapter ships for model {model!r}; pass --adapter FOLDER (from `maskspec train`)")
+    budgets = parse_ints("--tree", tree, example="4,8,16") if tree is not None else []
+    if tree_width < 1:
+        raise MaskspecError(f"--tree-width must be at least 1, got {tree_width}")
+    adapter_k = read_adapter_config(resolve_adapter(adapter, model)).k
+    if tree_k is not None:
+        tree_ks = parse_ints("--tree-k", tree_k, example="2,4,8")
+        if max(tree_ks) > adapter_k:
+            raise MaskspecError(f"--tree-k {max(tree_ks)}: the adapter drafts at most k = {adapter_k}")
+    else:
+        tree_ks = [k for k in (2, 4, 8) if k <= adapter_k] or [adapter_k]
+    shapes = [TreeShape(k, budget, tree_width, tree_lookup) for k in tree_ks for budget in budgets]
     prompts = select_prompts(load_suite(suite), split_option(domains) or None, n)
     out = Path(out) if out is not None else Path("bench-results") / f"acceptance-{time.strftime('%Y%m%d-%H%M%S')}"
     check_out_folder(out, "acceptance.json", "acceptance")
@@ -141,20 +202,25 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
         progress.stage(f"decoding and scoring {len(prompts)} prompts")
         profiles = profile_prompts(mtp, prompts, max_new_tokens, drafter_list,
                                    on_done=lambda p: progress.done(f"{p.domain}/{p.prompt_id}"),
-                                   answers=known_answers)
+                                   answers=known_answers, trees=shapes)
     if answers is not None:
         _write_answers(answers, known_answers)
     rows = summarize(profiles, mtp.k, drafter_list, mode_list)
+    tree_rows = summarize_trees(profiles, shapes, tree_ks) if shapes else []
     config = {"model": model, "adapter": str(adapter), "adapter_k": mtp.k,
               "suite": str(suite) if suite else "built-in", "n": n, "prompts": len(prompts),
               "max_new_tokens": max_new_tokens, "drafters": drafter_list, "modes": mode_list,
               "draft_vocab": int(mtp.draft_vocab.numel()) if mtp.draft_vocab_set else None, "device": device,
-              "dtype": dtype, "seconds": round(time.perf_counter() - started, 1)}
+              "dtype": dtype, "trees": [shape.key for shape in shapes],
+              "seconds": round(time.perf_counter() - started, 1)}
     payload = {"config": config, "system": system_info(device, mtp.dtype), "results": rows,
-               "prompts": [p.to_dict() for p in profiles]}
+               "tree_results": tree_rows, "prompts": [p.to_dict() for p in profiles]}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "acceptance.json", json.dumps(payload, indent=2) + "\n")
     table = markdown(rows, mtp.k)
+    if tree_rows:
+        table += ("\nDraft trees (greedy quadratic; the chains of the same k first; rows per pass = (nodes + 1) x "
+                  "(k + 1)):\n\n" + tree_markdown(tree_rows))
     atomic_write_text(out / "acceptance.md", "# Acceptance profile (greedy decoding, tokens per pass)\n\n"
                       + "\n".join(f"- {key}: {value}" for key, value in config.items()) + "\n\n" + table)
     console.print(table)
@@ -201,6 +267,13 @@ def register(app: typer.Typer) -> None:
                                                "extend (they depend on the base model only, so adapters can be "
                                                "compared without decoding again)."),
         modes: str = typer.Option("quadratic,linear", "--modes", help="Decoding modes to simulate."),
+        tree: Optional[str] = typer.Option(None, "--tree", help="Comma-separated draft tree sizes (node budgets) "
+                                           "to simulate, e.g. 4,8,16 (greedy quadratic decoding, exact)."),
+        tree_k: Optional[str] = typer.Option(None, "--tree-k", help="The k values the trees are simulated at "
+                                             "(default: 2,4,8 up to the adapter's k)."),
+        tree_width: int = typer.Option(2, "--tree-width", help="Children per node and nodes per depth at most."),
+        tree_lookup: bool = typer.Option(True, "--tree-lookup/--no-tree-lookup",
+                                         help="Add the prompt-lookup branch to every tree."),
     ) -> None:
         run_acceptance(model, adapter, suite, domains, n, max_new_tokens, drafters, out, device, dtype, answers,
-                       modes)
+                       modes, tree, tree_k, tree_width, tree_lookup)

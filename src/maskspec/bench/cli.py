@@ -25,14 +25,19 @@ def split_option(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
-def _parse_ks(value: str) -> list[int]:
+def parse_ints(option: str, value: str, minimum: int = 1, example: str = "1,2,4,8") -> list[int]:
+    """A comma-separated list of integers >= `minimum`, sorted and without duplicates; one-line error if not."""
     try:
-        ks = [int(part) for part in split_option(value)]
+        values = [int(part) for part in split_option(value)]
     except ValueError:
-        raise MaskspecError(f"--k takes comma-separated integers such as 1,2,4,8, got {value!r}") from None
-    if not ks or any(k < 1 for k in ks):
-        raise MaskspecError(f"--k needs at least one integer >= 1, got {value!r}")
-    return sorted(set(ks))
+        raise MaskspecError(f"{option} takes comma-separated integers such as {example}, got {value!r}") from None
+    if not values or any(v < minimum for v in values):
+        raise MaskspecError(f"{option} needs at least one integer >= {minimum}, got {value!r}")
+    return sorted(set(values))
+
+
+def _parse_ks(value: str) -> list[int]:
+    return parse_ints("--k", value)
 
 
 def check_choices(option: str, values: list[str], allowed: tuple[str, ...]) -> list[str]:
@@ -69,9 +74,10 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
               modes: str = "ar,linear,quadratic", baselines: str = "hf,hf-prompt-lookup",
               max_new_tokens: int = 128, temperature: float = 0.0, repeats: int = 1, out: Optional[Path] = None,
               device: str = "auto", dtype: Optional[str] = None, prompt_lookup_tokens: int = 10, seed: int = 0,
-              plots: bool = True) -> dict[str, Any]:
+              plots: bool = True, tree: str = "0") -> dict[str, Any]:
     """The whole benchmark (also callable from Python). Returns the results.json payload plus `out`. `k` None:
-    1,2,4,8, keeping those the adapter drafts; an explicit k above the adapter's k is an error."""
+    1,2,4,8, keeping those the adapter drafts; an explicit k above the adapter's k is an error. `tree`: the draft
+    tree sizes quadratic decoding runs with (comma-separated node budgets; 0 = the chain)."""
     import torch
     from rich.console import Console
     from transformers.utils import logging as hf_logging
@@ -91,6 +97,9 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
         console.width = max(console.width, 140)
     ks = _parse_ks(k) if k is not None else list(DEFAULT_KS)
     mode_list = check_choices("--modes", split_option(modes), MODES)
+    trees = parse_ints("--tree", tree, minimum=0, example="0,4,8")
+    if any(trees) and "quadratic" not in mode_list:
+        raise MaskspecError("--tree needs quadratic in --modes (trees have a mask block after every node)")
     baseline_list = check_choices("--baselines", split_option(baselines), BASELINES)
     if max_new_tokens < 1:
         raise MaskspecError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -144,7 +153,7 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
         mtp = MTPModel.from_pretrained(model, adapter=adapter_used, config=fresh_config, dtype=torch_dtype,
                                        device=device)
         max_k = mtp.config.k if drafting else None
-        methods, skipped = build_methods(mode_list, ks, baseline_list, max_k)
+        methods, skipped = build_methods(mode_list, ks, baseline_list, max_k, trees)
         if skipped:
             notes.append(f"k = {', '.join(map(str, skipped))} skipped: the adapter drafts at most "
                          f"k = {mtp.config.k}.")
@@ -171,7 +180,7 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
         "model": model, "adapter": adapter_used if adapter_used is not None else
         ("none (untrained)" if drafting else None), "adapter_k": mtp.config.k if drafting else None,
         "suite": str(suite) if suite else "built-in", "domains": list(dict.fromkeys(p.domain for p in prompts)),
-        "n": n, "prompts": len(prompts), "k": ks, "k_skipped": skipped, "modes": mode_list,
+        "n": n, "prompts": len(prompts), "k": ks, "k_skipped": skipped, "modes": mode_list, "trees": trees,
         "baselines": baseline_list, "methods": [m.label for m in methods], "max_new_tokens": max_new_tokens,
         "temperature": temperature, "repeats": repeats, "device": device,
         "dtype": str(torch_dtype).replace("torch.", ""), "prompt_lookup_tokens": prompt_lookup_tokens,
@@ -245,8 +254,10 @@ def register(app: typer.Typer) -> None:
                                                  help="prompt_lookup_num_tokens for hf-prompt-lookup."),
         seed: int = typer.Option(0, "--seed", help="Sampling seed (temperature > 0)."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
+        tree: str = typer.Option("0", "--tree", help="Comma-separated draft tree sizes (node budgets) for quadratic "
+                                 "decoding, each run at every --k; 0 = the chain. Example: 0,4,8."),
     ) -> None:
         run_bench(model=model, adapter=adapter, suite=suite, domains=domains, n=n, k=k, modes=modes,
                   baselines=baselines, max_new_tokens=max_new_tokens, temperature=temperature, repeats=repeats,
                   out=out, device=device, dtype=dtype, prompt_lookup_tokens=prompt_lookup_tokens, seed=seed,
-                  plots=plots)
+                  plots=plots, tree=tree)

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from maskspec.bench.runner import AR, HF, MASKSPEC, RunRecord
+from maskspec.bench.runner import AR, HF, MASKSPEC, RunRecord, method_label
 from maskspec.decode.steps import DRAFT_MODES
 from maskspec.files import atomic_write_text
 
@@ -70,10 +70,6 @@ def _int_if_whole(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
 
-def method_label(method: str, mode: str | None, k: int | None) -> str:
-    return f"{mode} k={k}" if method == MASKSPEC else method
-
-
 def first_difference(a: Sequence[int], b: Sequence[int]) -> int:
     """Index of the first differing token (the shorter length if one is a prefix of the other)."""
     for i, (x, y) in enumerate(zip(a, b)):
@@ -113,7 +109,7 @@ def _share_equal(recs: list[RunRecord], other: dict) -> float | None:
 
 def _row(domain: str, key: tuple, recs: list[RunRecord], baseline: dict, reference: dict,
          greedy: bool) -> dict[str, Any]:
-    method, mode, k = key
+    method, mode, k, tree = key
     repeats = sorted({r.repeat for r in recs})
     tokens_r, passes_r, tps_r, speedup_r, seconds_r = [], [], [], [], []
     for rep in repeats:
@@ -140,7 +136,8 @@ def _row(domain: str, key: tuple, recs: list[RunRecord], baseline: dict, referen
     checks = [answer_correct(r.text, r.reference) for r in recs]
     checks = [c for c in checks if c is not None]
     return {
-        "domain": domain, "method": method, "mode": mode, "k": k, "label": method_label(method, mode, k),
+        "domain": domain, "method": method, "mode": mode, "k": k, "tree": tree,
+        "label": method_label(method, mode, k, tree),
         "prompts": len({r.prompt_id for r in recs}), "repeats": len(repeats),
         "new_tokens": _int_if_whole(_mean(tokens_r)),
         "forward_passes": None if all_passes is None else _int_if_whole(all_passes / len(repeats)),
@@ -164,7 +161,8 @@ def _mismatches(recs: list[RunRecord], baseline: dict, reference: dict) -> list[
         ar = reference.get((r.prompt_id, r.repeat)) if r.method == MASKSPEC else None
         if r.token_ids != base.token_ids:
             out.append({"prompt_id": r.prompt_id, "domain": r.domain, "method": r.method, "mode": r.mode,
-                        "k": r.k, "label": method_label(r.method, r.mode, r.k), "repeat": r.repeat,
+                        "k": r.k, "tree": r.tree, "label": method_label(r.method, r.mode, r.k, r.tree),
+                        "repeat": r.repeat,
                         "first_difference": first_difference(r.token_ids, base.token_ids),
                         "new_tokens": r.new_tokens, "baseline_new_tokens": base.new_tokens,
                         "matches_ar": None if ar is None else r.token_ids == ar.token_ids})
@@ -194,10 +192,13 @@ def tau_table(rows: Sequence[dict]) -> Table | None:
         return None
     modes = [m for m in DRAFT_MODES if any(r["mode"] == m for r in drafted)]
     ks = sorted({r["k"] for r in drafted})
-    columns = [(m, k) for m in modes for k in ks]
-    headers = ["domain"] + [f"k={k}" if len(modes) == 1 else f"{m[:4]} k={k}" for m, k in columns]
-    by = {(r["domain"], r["mode"], r["k"]): r for r in drafted}
-    body = [[d] + [_fmt(by[(d, m, k)]["tokens_per_pass"]) if (d, m, k) in by else "-" for m, k in columns]
+    trees = sorted({r.get("tree", 0) for r in drafted})
+    columns = [(m, k, t) for m in modes for t in trees for k in ks
+               if any((r["mode"], r["k"], r.get("tree", 0)) == (m, k, t) for r in drafted)]
+    headers = ["domain"] + [(f"k={k}" if len(modes) == 1 else f"{m[:4]} k={k}") + (f" tree={t}" if t else "")
+                            for m, k, t in columns]
+    by = {(r["domain"], r["mode"], r["k"], r.get("tree", 0)): r for r in drafted}
+    body = [[d] + [_fmt(by[(d, *c)]["tokens_per_pass"]) if (d, *c) in by else "-" for c in columns]
             for d in _domains(rows)]
     title = "Tokens per forward pass (tau), " + " / ".join(modes) + " decoding"
     return title, headers, body
@@ -294,12 +295,16 @@ def write_plots(out: Path, rows: Sequence[dict]) -> list[Path]:
     drafted = [r for r in rows if r["method"] == MASKSPEC and r["tokens_per_pass"] is not None]
     if drafted:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        trees = sorted({r.get("tree", 0) for r in drafted} - {0})
+        series = [("quadratic", 0, "-"), ("linear", 0, "--")] + [("quadratic", t, ":") for t in trees]
         for d in domains:
-            for mode, style in (("quadratic", "-"), ("linear", "--")):
-                pts = sorted((r["k"], r["tokens_per_pass"]) for r in drafted if r["domain"] == d and r["mode"] == mode)
+            for mode, tree, style in series:
+                pts = sorted((r["k"], r["tokens_per_pass"]) for r in drafted
+                             if r["domain"] == d and r["mode"] == mode and r.get("tree", 0) == tree)
                 if pts:
+                    name = f"{mode} tree={tree}" if tree else mode
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
-                            linewidth=2.5 if d == ALL else 1.2, label=f"{d} ({mode})")
+                            linewidth=2.5 if d == ALL else 1.2, label=f"{d} ({name})")
         ks = sorted({r["k"] for r in drafted})
         ax.set_xticks(ks)
         ax.set_xlabel("k (drafted tokens per step)")

@@ -4,7 +4,8 @@ Methods:
 - `hf`: Hugging Face `generate`, greedy (or sampling with --temperature): the baseline every speed-up refers to;
 - `hf-prompt-lookup`: Hugging Face prompt-lookup decoding (`prompt_lookup_num_tokens`);
 - `ar`: maskspec's own reference loop (same code path as the drafting modes, no drafts);
-- `maskspec`: self-speculative decoding in mode `quadratic` or `linear` with k drafts.
+- `maskspec`: self-speculative decoding in mode `quadratic` or `linear` with k drafts (quadratic: also with draft
+  trees of up to `tree` nodes).
 
 Each generation is timed by the wall clock around the call (after `torch.cuda.synchronize` on a GPU). Forward
 passes of the HF methods are counted with a forward hook on the base model (the prefill counts as one); the
@@ -32,24 +33,29 @@ MASKSPEC = "maskspec"
 BASELINES = (HF, HF_PROMPT_LOOKUP)
 
 
+def method_label(method: str, mode: str | None, k: int | None, tree: int = 0) -> str:
+    if method != MASKSPEC:
+        return method
+    return f"{mode} k={k}" + (f" tree={tree}" if tree else "")
+
+
 @dataclass(frozen=True)
 class Method:
-    """One decoding method: `method` is hf | hf-prompt-lookup | ar | maskspec; mode and k only for maskspec
-    (mode "ar" for the reference loop)."""
+    """One decoding method: `method` is hf | hf-prompt-lookup | ar | maskspec; mode, k and tree only for maskspec
+    (mode "ar" for the reference loop; tree 0: a chain)."""
 
     method: str
     mode: str | None = None
     k: int | None = None
+    tree: int = 0
 
     @property
     def label(self) -> str:
-        if self.method == MASKSPEC:
-            return f"{self.mode} k={self.k}"
-        return self.method
+        return method_label(self.method, self.mode, self.k, self.tree)
 
     @property
-    def key(self) -> tuple[str, str | None, int | None]:
-        return (self.method, self.mode, self.k)
+    def key(self) -> tuple[str, str | None, int | None, int]:
+        return (self.method, self.mode, self.k, self.tree)
 
 
 @dataclass
@@ -68,10 +74,11 @@ class RunRecord:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     reference: str | None = None
+    tree: int = 0
 
     @property
-    def key(self) -> tuple[str, str | None, int | None]:
-        return (self.method, self.mode, self.k)
+    def key(self) -> tuple[str, str | None, int | None, int]:
+        return (self.method, self.mode, self.k, self.tree)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,9 +95,11 @@ class BenchSettings:
 
 
 def build_methods(modes: Iterable[str], ks: Iterable[int], baselines: Iterable[str],
-                  max_k: int | None) -> tuple[list[Method], list[int]]:
+                  max_k: int | None, trees: Iterable[int] = (0,)) -> tuple[list[Method], list[int]]:
     """The method list in run order (hf first: it is the baseline) and the ks skipped because they exceed the
-    adapter's k. `max_k=None` means no drafting adapter: only baselines and mode ar."""
+    adapter's k. `max_k=None` means no drafting adapter: only baselines and mode ar. Quadratic decoding runs
+    once per tree size in `trees` (0: the chain); linear decoding drafts chains only."""
+    trees = list(trees)
     methods = [Method(HF)]
     if HF_PROMPT_LOOKUP in baselines:
         methods.append(Method(HF_PROMPT_LOOKUP))
@@ -105,7 +114,8 @@ def build_methods(modes: Iterable[str], ks: Iterable[int], baselines: Iterable[s
                     if k not in skipped:
                         skipped.append(k)
                     continue
-                methods.append(Method(MASKSPEC, mode, k))
+                for tree in (trees if mode == "quadratic" else [0]):
+                    methods.append(Method(MASKSPEC, mode, k, tree))
     return methods, skipped
 
 
@@ -190,7 +200,7 @@ class BenchRunner:
         self._sync()
         start = time.perf_counter()
         out = generate(self.mtp, input_ids, max_new_tokens=max_new_tokens, mode=method.mode, k=method.k,
-                       temperature=s.temperature, seed=seed if s.temperature > 0 else None)
+                       tree=method.tree, temperature=s.temperature, seed=seed if s.temperature > 0 else None)
         self._sync()
         seconds = time.perf_counter() - start
         return truncate_at_eos(list(out.new_token_ids), self.mtp.eos_token_ids), out.stats.forward_passes, seconds
@@ -221,7 +231,7 @@ class BenchRunner:
                     record = RunRecord(prompt_id=prompt.id, domain=prompt.domain, method=method.method,
                                        mode=method.mode, k=method.k, repeat=repeat, new_tokens=len(tokens),
                                        forward_passes=passes, seconds=seconds, token_ids=tokens,
-                                       text=self.decode(tokens), reference=prompt.reference)
+                                       text=self.decode(tokens), reference=prompt.reference, tree=method.tree)
                     records.append(record)
                     if on_done is not None:
                         on_done(record)
