@@ -57,8 +57,8 @@ class AdapterConfig:
     dtype: str
     maskspec_version: str
     training: dict[str, Any] | None = None
-    # Measured decoding defaults per device type, e.g. {"cpu": {"k": 1, "measured": "..."}}: the k that
-    # decoding uses when none is given. Optional; written by hand after benchmarking.
+    # Measured decoding defaults per device type, e.g. {"cpu": {"k": 2, "tree": 4, "measured": "..."}}: the k and
+    # draft-tree size decoding uses when given neither. Optional; written by `maskspec tune` (or by hand).
     decoding: dict[str, Any] | None = None
 
     def mtp_kwargs(self) -> dict[str, Any]:
@@ -216,7 +216,30 @@ def _config_problem(values: dict[str, Any]) -> tuple[str, str, Any] | None:
             return f"decoding.{device}", 'must be an object, e.g. {"k": 2}', entry
         if "k" in entry and (not _is_int(entry["k"]) or not 1 <= entry["k"] <= values["k"]):
             return f"decoding.{device}.k", f"must be an integer from 1 to the adapter's k ({values['k']})", entry["k"]
+        if "tree" in entry and (not _is_int(entry["tree"]) or entry["tree"] < 0):
+            return f"decoding.{device}.tree", "must be an integer >= 0 (0: a chain)", entry["tree"]
     return None
+
+
+def write_decoding_defaults(folder: str | Path, device_type: str, entry: dict[str, Any]) -> Path:
+    """Record the decoding defaults for one device type ({"k": ..., "tree": ..., "measured": ...}) in an adapter's
+    config, atomically, keeping every other field. The result is checked as `read_adapter_config` checks it."""
+    folder = Path(folder)
+    read_adapter_config(folder)  # a complete, valid adapter first
+    path = folder / CONFIG_FILE
+    raw = json.loads(path.read_text())
+    raw["decoding"] = dict(raw.get("decoding") or {})
+    raw["decoding"][device_type] = entry
+    values = {name: raw[name] for name in AdapterConfig.__dataclass_fields__ if name in raw}
+    problem = _config_problem(values)
+    if problem is not None:
+        raise AdapterError(f"decoding defaults {_json(entry)} are not valid: field {problem[0]!r} {problem[1]}")
+    try:
+        atomic_write_bytes(path, (json.dumps(raw, indent=2) + "\n").encode())
+    except OSError as exc:
+        raise AdapterError(f"cannot write {path} ({exc.strerror}); copy the adapter folder somewhere writable and "
+                           "pass it with --adapter") from None
+    return path
 
 
 def load_adapter(mtp: "MTPModel", folder: str | Path, check_fingerprint: bool = True) -> AdapterConfig:

@@ -21,7 +21,8 @@ app = typer.Typer(help="Several tokens per forward pass from a Hugging Face caus
 
 # Modules that define `register(app)`; an area not built yet is simply absent.
 COMMAND_MODULES = ("maskspec.decode.cli", "maskspec.train.cli", "maskspec.train.draft_vocab_cli",
-                   "maskspec.bench.cli", "maskspec.bench.acceptance_cli", "maskspec.serve.cli")
+                   "maskspec.bench.cli", "maskspec.bench.acceptance_cli", "maskspec.bench.tune",
+                   "maskspec.serve.cli")
 
 
 def _version_callback(value: bool) -> None:

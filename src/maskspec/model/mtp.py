@@ -141,6 +141,14 @@ class MTPModel(nn.Module):
         return k if isinstance(k, int) and 1 <= k <= self.k else self.k
 
     @property
+    def default_tree(self) -> int:
+        """The draft-tree size decoding uses when given neither k nor a tree: what the adapter's config recommends
+        for this device type (`maskspec tune` measures it), else 0 (a chain)."""
+        entry = self.decoding_defaults.get(self.device.type)
+        tree = entry.get("tree") if isinstance(entry, dict) else None
+        return tree if isinstance(tree, int) and not isinstance(tree, bool) and tree >= 0 else 0
+
+    @property
     def device(self) -> torch.device:
         return self.mask_embeddings.device
 

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from maskspec.decode.cli import check_mode, check_tree
-from maskspec.decode.steps import resolve_k
+from maskspec.decode.steps import resolve_k, resolve_tree
 from maskspec.errors import MaskspecError
 
 
@@ -27,8 +27,9 @@ def register(app: typer.Typer) -> None:
         max_new_tokens_limit: int = typer.Option(1024, "--max-new-tokens-limit", min=1,
                                                  help="Largest max_tokens a request may ask for."),
         mode: str = typer.Option("quadratic", "--mode", callback=check_mode, help="quadratic | linear | ar"),
-        tree: int = typer.Option(0, "--tree", min=0, help="Greedy requests draft trees of up to N nodes (mode "
-                                 "quadratic; 0: a chain)."),
+        tree: Optional[int] = typer.Option(None, "--tree", min=0, help="Draft trees of up to N nodes (mode "
+                                           "quadratic; 0: a chain; default: the adapter's recommendation for this "
+                                           "device when --k is not given either)."),
         k: Optional[int] = typer.Option(None, "--k", help="Drafts per step (default: the k the adapter's config "
                                                           "recommends for this device, else its k)."),
         dtype: str = typer.Option("fp32", "--dtype"),
@@ -59,12 +60,14 @@ def register(app: typer.Typer) -> None:
             typer.secho(f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
                         err=True, fg=typer.colors.YELLOW)
         app, scheduler = build_server(mtp, mode=mode, k=k, max_batch=max_batch, max_queue=max_queue,
-                                      tree=tree if mode == "quadratic" else 0,
+                                      tree=resolve_tree(mtp, mode, k, tree if mode == "quadratic" else None),
                                       max_new_tokens_limit=max_new_tokens_limit, api_key=api_key,
                                       model_name=os.path.basename(str(model).rstrip("/")) if model != "default"
                                       else mtp.model_name)
+        trees = scheduler.decoder.tree
         typer.secho(f"maskspec serve: {mtp.model_name}, mode {mode}"
-                    f"{'' if mode == 'ar' else f', k {drafts}'}, max batch {max_batch}, "
+                    f"{'' if mode == 'ar' else f', k {drafts}'}{f', tree {trees}' if trees else ''}, "
+                    f"max batch {max_batch}, "
                     f"http://{host}:{port}/v1", err=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
         try:

@@ -88,7 +88,7 @@ class GenerationRequest:
 
 class Scheduler:
     def __init__(self, mtp: MTPModel, mode: str = "quadratic", k: int | None = None, max_batch: int = 8,
-                 max_queue: int = 64, metrics: ServerMetrics | None = None, tree: int = 0) -> None:
+                 max_queue: int = 64, metrics: ServerMetrics | None = None, tree: int | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 0:
