@@ -140,6 +140,46 @@ def test_losses_definition():
     assert grad[batch.mask_slot[0] < 0].abs().sum() == 0
 
 
+def test_sampler_fed_its_own_predictions():
+    """--sampler-prev own: at mask j > 0 the sampler's previous token is its own argmax at mask j - 1 of the same
+    block (fed its own prediction in turn), the first mask keeping the true token, as decoding drafts."""
+    torch.manual_seed(0)
+    mtp = tiny_mtp()
+    for p in mtp.sampler.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    examples = synthetic_examples(2)
+    batch = make_batch(examples, k=3)
+    hidden = mtp.forward_rows(batch.token_ids, batch.mask_slot, batch.position_ids, batch.attention,
+                              batch.key_positions).hidden
+    own = compute_losses(mtp, hidden, batch, LossWeights(sampler_prev="own"), row_counts(batch))
+    true = compute_losses(mtp, hidden, batch, LossWeights(), row_counts(batch))
+
+    total, count, fed_other = 0.0, 0, 0
+    for b, ex in enumerate(examples):
+        ids, h, slots = ex.input_ids, hidden[b], batch.mask_slot[b].tolist()
+        normal_rows = [row for row, s in enumerate(slots) if s < 0][:ids.numel()]
+        for row, s in enumerate(slots):
+            if s != 0:
+                continue
+            head = max(i for i, rr in enumerate(normal_rows) if rr < row)
+            prev = ids[head + 1]  # the first mask's previous token is the true one
+            for j in range(3):
+                target = head + 2 + j
+                if slots[row + j] != j or target >= ids.numel() or not ex.labelled[target]:
+                    break
+                logits = mtp.sampler_logits(prev[None], h[row + j][None])
+                total += torch.nn.functional.cross_entropy(logits, ids[target][None])
+                count += 1
+                fed_other += int(prev != ids[target - 1])
+                prev = logits.argmax(-1)[0]
+    assert count == row_counts(batch).target and fed_other > 5
+    torch.testing.assert_close(own["sampler"], total / count)
+    assert not torch.isclose(own["sampler"], true["sampler"])
+    torch.testing.assert_close(own["ce"], true["ce"])  # only the sampler's input changes
+    with pytest.raises(Exception, match="--sampler-prev"):
+        TrainConfig(out="x", sampler_prev="mine").validate()
+
+
 def test_padded_batch_matches_separate_sequences():
     """Padding rows change nothing: a batch of two sequences gives the summed losses and gradients of the two
     run one by one (with the same global normalisers)."""

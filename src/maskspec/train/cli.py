@@ -89,6 +89,9 @@ def register(app: typer.Typer) -> None:
         lcm_weight: float = typer.Option(1.0, "--lcm-weight", help="Weight of the latent-consistency loss."),
         kl_weight: float = typer.Option(0.0, "--kl-weight", help="Weight of the soft-target KL to the normal "
                                         "row's distribution (0: off)."),
+        sampler_prev: str = typer.Option("true", "--sampler-prev", help="The sampler's previous token at masks "
+                                         "after the first: true (teacher forcing) or own (its own prediction at the "
+                                         "mask before, as in decoding)."),
         save_every: int = typer.Option(500, "--save-every", help="Checkpoint every N steps (and at the end)."),
         keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Checkpoints kept."),
         eval_every: int = typer.Option(0, "--eval-every", help="Held-out accuracy every N steps (and at the end)."),
@@ -117,7 +120,7 @@ def register(app: typer.Typer) -> None:
                           grad_clip=grad_clip, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
                           max_length=max_length, block_fraction=block_fraction, max_blocks=max_blocks,
                           ce_weight=ce_weight, sampler_weight=sampler_weight, lcm_weight=lcm_weight,
-                          kl_weight=kl_weight, save_every=save_every, keep_checkpoints=keep_checkpoints,
+                          kl_weight=kl_weight, sampler_prev=sampler_prev, save_every=save_every, keep_checkpoints=keep_checkpoints,
                           eval_every=eval_every, eval_size=eval_size, resume=resume, overwrite=overwrite,
                           init_adapter=str(init_adapter) if init_adapter is not None else None,
                           time_limit=time_limit, draft_vocab=draft_vocab, seed=seed, progress=progress, cpu=cpu)

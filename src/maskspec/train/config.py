@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from maskspec.errors import MaskspecError
-from maskspec.train.losses import LossWeights
+from maskspec.train.losses import SAMPLER_PREVS, LossWeights
 
 
 class TrainError(MaskspecError):
@@ -47,6 +47,7 @@ class TrainConfig:
     sampler_weight: float = 1.0
     lcm_weight: float = 1.0
     kl_weight: float = 0.0
+    sampler_prev: str = "true"  # the sampler's previous token in training: "true" or "own" (losses.LossWeights)
     chunk_rows: int = 1024
     # draft vocabulary saved with the adapter: the N most frequent answer tokens of the data (0: full vocabulary)
     draft_vocab: int = 8192
@@ -85,6 +86,7 @@ class TrainConfig:
             (0 < self.block_fraction <= 1, "--block-fraction must be in (0, 1]"),
             (self.max_blocks is None or self.max_blocks >= 1, "--max-blocks must be >= 1"),
             (self.schedule in ("constant", "cosine"), "--schedule must be 'constant' or 'cosine'"),
+            (self.sampler_prev in SAMPLER_PREVS, "--sampler-prev must be 'true' or 'own'"),
             (self.save_every >= 1, "--save-every must be >= 1"), (self.eval_every >= 0, "--eval-every must be >= 0"),
             (self.draft_vocab >= 0, "--draft-vocab must be >= 0"),
             (self.time_limit is None or self.time_limit > 0, "--time-limit must be > 0 seconds"),
@@ -96,7 +98,7 @@ class TrainConfig:
                 raise TrainError(message)
 
     def loss_weights(self) -> LossWeights:
-        return LossWeights(self.ce_weight, self.sampler_weight, self.lcm_weight, self.kl_weight)
+        return LossWeights(self.ce_weight, self.sampler_weight, self.lcm_weight, self.kl_weight, self.sampler_prev)
 
     def global_batch(self, processes: int) -> int:
         """Sequences per optimizer step over all processes."""

@@ -27,6 +27,12 @@ class LossWeights:
     sampler: float = 1.0
     lcm: float = 1.0
     kl: float = 0.0  # soft-target KL to the partner normal row's distribution (off by default)
+    # The sampler's previous token at mask j > 0: "true" (teacher forcing: the true token before the target) or
+    # "own" (the sampler's own argmax at mask j - 1 of the block, as in decoding, where prev is the last draft).
+    sampler_prev: str = "true"
+
+
+SAMPLER_PREVS = ("true", "own")
 
 
 @dataclass
@@ -78,6 +84,8 @@ def compute_losses(mtp, hidden: torch.Tensor, batch: TrainBatch, weights: LossWe
         z = flat.index_select(0, rows)
         labels = batch.labels.reshape(-1)[rows]
         prev = batch.prev_ids.reshape(-1)[rows]
+        if weights.sampler and weights.sampler_prev == "own":
+            prev = own_prev_ids(mtp, flat, batch, rows, prev, chunk_rows)
         anchor = batch.anchors.reshape(-1)[rows]
         has_anchor = anchor >= 0
         anchor_z = flat.index_select(0, anchor.clamp(min=0)).detach()
@@ -106,6 +114,31 @@ def compute_losses(mtp, hidden: torch.Tensor, batch: TrainBatch, weights: LossWe
     out["loss"] = (weights.ce * out["ce"] + weights.sampler * out["sampler"] + weights.lcm * out["lcm"]
                    + weights.kl * out["kl"])
     return out
+
+
+@torch.no_grad()
+def own_prev_ids(mtp, flat: torch.Tensor, batch: TrainBatch, rows: torch.Tensor, true_prev: torch.Tensor,
+                 chunk_rows: int = 1024) -> torch.Tensor:
+    """The sampler's previous tokens when it is fed its own predictions: for labelled mask row i at slot j > 0,
+    the sampler's argmax at slot j - 1 of the same block (the row just before it), which itself was fed its own
+    prediction, and so on back to slot 0, whose previous token is the true one (in decoding: the verified token).
+    Rows whose previous slot has no label keep the true token. No gradient flows through the choice."""
+    slot = batch.mask_slot.reshape(-1)[rows]
+    position = torch.full((flat.shape[0],), -1, dtype=torch.long, device=rows.device)
+    position[rows] = torch.arange(rows.numel(), device=rows.device)
+    before = position[(rows - 1).clamp(min=0)]
+    chained = (slot > 0) & (before >= 0)
+    chained &= batch.mask_slot.reshape(-1)[(rows - 1).clamp(min=0)] == slot - 1  # the same block's previous mask
+    prev = true_prev.clone()
+    predicted = torch.zeros_like(true_prev)
+    for j in range(int(slot.max()) + 1 if slot.numel() else 0):
+        at = torch.nonzero(slot == j).flatten()
+        feed = at[chained[at]]
+        prev[feed] = predicted[before[feed]]
+        for s in range(0, at.numel(), chunk_rows):
+            part = at[s:s + chunk_rows]
+            predicted[part] = mtp.sampler_logits(prev[part], flat.index_select(0, rows[part])).argmax(-1)
+    return prev
 
 
 @torch.no_grad()
