@@ -189,7 +189,7 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
     out = Path(out) if out is not None else Path("bench-results") / f"acceptance-{time.strftime('%Y%m%d-%H%M%S')}"
     check_out_folder(out, "acceptance.json", "acceptance")
     device = resolve_device(device)
-    known_answers = _read_answers(answers) if answers is not None else {}
+    known_answers = read_answers(answers) if answers is not None else {}
 
     console = Console()
     if not console.is_terminal:
@@ -204,7 +204,7 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
                                    on_done=lambda p: progress.done(f"{p.domain}/{p.prompt_id}"),
                                    answers=known_answers, trees=shapes)
     if answers is not None:
-        _write_answers(answers, known_answers)
+        write_answers(answers, known_answers)
     rows = summarize(profiles, mtp.k, drafter_list, mode_list)
     tree_rows = summarize_trees(profiles, shapes, tree_ks) if shapes else []
     config = {"model": model, "adapter": str(adapter), "adapter_k": mtp.k,
@@ -228,7 +228,7 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
     return payload
 
 
-def _read_answers(path: Path) -> dict[str, dict[str, Any]]:
+def read_answers(path: Path) -> dict[str, dict[str, Any]]:
     if not path.exists():
         return {}
     try:
@@ -241,7 +241,7 @@ def _read_answers(path: Path) -> dict[str, dict[str, Any]]:
     return answers
 
 
-def _write_answers(path: Path, answers: dict[str, dict[str, Any]]) -> None:
+def write_answers(path: Path, answers: dict[str, dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(answers) + "\n")
 

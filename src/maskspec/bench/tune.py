@@ -81,8 +81,10 @@ def choose(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def run_tune(model: str = "default", adapter: Optional[str] = None, suite: Optional[Path] = None,
              domains: Optional[str] = None, n: int = 2, max_new_tokens: int = 96, k: Optional[str] = None,
              tree: str = "0,4,8", tree_width: int = 2, timing_prompts: int = 4, device: str = "cpu",
-             dtype: str = "fp32", save: bool = True, out: Optional[Path] = None) -> dict[str, Any]:
-    """The whole command (also callable from Python). Returns the tune.json payload."""
+             dtype: str = "fp32", save: bool = True, out: Optional[Path] = None,
+             answers: Optional[Path] = None) -> dict[str, Any]:
+    """The whole command (also callable from Python). Returns the tune.json payload. `answers`: greedy answers
+    from `maskspec acceptance --answers` to reuse (and extend)."""
     import torch
     from rich.console import Console
     from transformers.utils import logging as hf_logging
@@ -90,7 +92,7 @@ def run_tune(model: str = "default", adapter: Optional[str] = None, suite: Optio
     from maskspec.adapter import (CONFIG_FILE, read_adapter_config, resolve_adapter, shipped_adapter_for,
                                   write_decoding_defaults)
     from maskspec.bench.acceptance import TreeShape
-    from maskspec.bench.acceptance_cli import profile_prompts, summarize_trees
+    from maskspec.bench.acceptance_cli import profile_prompts, read_answers, summarize_trees, write_answers
     from maskspec.bench.cli import check_out_folder, parse_ints, split_option
     from maskspec.bench.runner import system_info
     from maskspec.bench.suites import load_suite, select_prompts
@@ -125,6 +127,7 @@ def run_tune(model: str = "default", adapter: Optional[str] = None, suite: Optio
     timed = _timing_sample(prompts, timing_prompts)
     out = Path(out) if out is not None else Path("bench-results") / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
     check_out_folder(out, "tune.json", "tune")
+    known_answers = read_answers(answers) if answers is not None else {}
 
     console = Console()
     if not console.is_terminal:
@@ -136,8 +139,10 @@ def run_tune(model: str = "default", adapter: Optional[str] = None, suite: Optio
         progress.stage(f"loading model {model!r} with adapter {adapter!r} ({device}, {dtype})")
         mtp = MTPModel.from_pretrained(model, adapter=str(adapter_path), dtype=torch_dtype, device=device)
         progress.stage(f"tau of {len(settings) - 1} settings on {len(prompts)} prompts (acceptance simulation)")
-        profiles = profile_prompts(mtp, prompts, max_new_tokens, ["sampler"], trees=shapes,
+        profiles = profile_prompts(mtp, prompts, max_new_tokens, ["sampler"], trees=shapes, answers=known_answers,
                                    on_done=lambda p: progress.done(f"{p.domain}/{p.prompt_id}"))
+        if answers is not None:
+            write_answers(answers, known_answers)
         progress.stage(f"timing {len(settings)} settings on {len(timed)} prompts")
         costs = time_settings(mtp, timed, settings, max_new_tokens,
                               on_prompt=lambda p: progress.done(f"timed {p.domain}/{p.id}"))
@@ -216,6 +221,8 @@ def register(app: typer.Typer) -> None:
         save: bool = typer.Option(True, "--save/--no-save", help="Record the choice in the adapter's config."),
         out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: "
                                                                "bench-results/tune-<timestamp>)."),
+        answers: Optional[Path] = typer.Option(None, "--answers", help="Greedy answers to reuse and extend (the "
+                                               "file `maskspec acceptance --answers` writes)."),
     ) -> None:
         run_tune(model, adapter, suite, domains, n, max_new_tokens, k, tree, tree_width, timing_prompts, device,
-                 dtype, save, out)
+                 dtype, save, out, answers)

