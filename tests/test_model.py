@@ -230,6 +230,7 @@ def test_adapter_decoding_defaults_pick_k(tmp_path):
     assert mtp.default_k == 3  # nothing measured: the adapter's k
     cfg_path = folder / "adapter_config.json"
     for recorded, expected in (({"cpu": {"k": 9}}, None), ({"cpu": "fast"}, None),
+                               ({"cpu": {"k": 2, "tree": -1}}, None), ({"cpu": {"k": 2, "tree": "4"}}, None),
                                ({"cpu": {"k": 2, "measured": "bench"}}, 2), ({"cuda": {"k": 1}}, 3)):
         cfg = json.loads(cfg_path.read_text())
         cfg["decoding"] = recorded

@@ -163,7 +163,9 @@ def grow_trees(mtp: "MTPModel", latents: torch.Tensor, prev_tokens: Sequence[int
         for i, (r, node, _, path_logp, on_chain) in enumerate(frontier):
             if i in best_of:
                 values, columns = best_of[i]
-                children = [(lp, c if ids is None else int(ids[c]), None) for lp, c in zip(values, columns)]
+                # a column this sequence may not draft (another sequence's context token) scores -inf: not a child
+                children = [(lp, c if ids is None else int(ids[c]), None) for lp, c in zip(values, columns)
+                            if lp != float("-inf")]
             else:
                 try:
                     children = _drawn_children(logits[i], ids, samplings[r], generators[r], width, mtp.vocab_size)
