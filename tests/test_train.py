@@ -180,6 +180,61 @@ def test_sampler_fed_its_own_predictions():
         TrainConfig(out="x", sampler_prev="mine").validate()
 
 
+def test_flex_attention_and_normals_first_compute_the_same_losses():
+    """--attention flex: FlexAttention over the normals-first layout (a block-sparse mask) gives the losses of the
+    dense interleaved path (and, on CUDA, its adapter gradients; FlexAttention has no backward on CPU); the
+    normals-first order alone changes no loss; and that layout's mask skips most tiles."""
+    from maskspec.model.mtp import block_mask
+    from maskspec.train.trainer import _set_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    mtp = tiny_mtp().to(device)
+    for p in mtp.sampler.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    examples = synthetic_examples(2, length=40)
+    params = [p for p in mtp.parameters() if p.requires_grad]
+    with_grad = device == "cuda"
+
+    def run(normals_first):
+        batch = make_batch(examples, k=3, normals_first=normals_first).to(device)
+        for p in params:
+            p.grad = None
+        with torch.set_grad_enabled(with_grad):
+            hidden = mtp.forward_rows(batch.token_ids, batch.mask_slot, batch.position_ids, batch.attention,
+                                      batch.key_positions).hidden
+            out = compute_losses(mtp, hidden, batch, LossWeights(kl=1.0, sampler_prev="own"), row_counts(batch))
+        if with_grad:
+            out["loss"].backward()
+        return {n: v.detach() for n, v in out.items()}, [p.grad for p in params]
+
+    dense = run(False)
+    reordered = run(True)
+    mtp.model.set_attn_implementation("flex_attention")  # what `_set_attention` does where training can use it
+    try:
+        flex = run(True)
+    finally:
+        mtp.model.set_attn_implementation("sdpa")
+    assert dense[0]["loss"] > 0 and dense[0]["lcm"] > 0 and dense[0]["kl"] > 0
+    for other in (reordered, flex):
+        for name in dense[0]:
+            torch.testing.assert_close(other[0][name], dense[0][name], atol=2e-5, rtol=1e-4)
+        if with_grad:
+            for a, b in zip(other[1], dense[1]):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+    # 300 tokens at k = 8: normals first, most 128 x 128 tiles are empty, and FlexAttention skips them.
+    long = [synthetic_examples(1, length=300, prompt=20)[0]]
+    assert block_mask(make_batch(long, k=8, normals_first=True).attention).sparsity() > 75
+    assert block_mask(make_batch(long, k=8).attention).sparsity() < 50  # interleaved: about a causal mask's
+    if device == "cuda":
+        _set_attention(mtp, "flex", torch.device(device))
+        assert mtp.model.config._attn_implementation == "flex_attention"
+    else:  # training needs the backward, which FlexAttention lacks on CPU: said at once
+        with pytest.raises(TrainError, match="--attention flex"):
+            _set_attention(mtp, "flex", torch.device("cpu"))
+
+
 def test_padded_batch_matches_separate_sequences():
     """Padding rows change nothing: a batch of two sequences gives the summed losses and gradients of the two
     run one by one (with the same global normalisers)."""

@@ -300,10 +300,13 @@ class MTPModel(nn.Module):
             attention = apply_sliding_window(attention, query_positions, key_positions, window)
         return self._format_mask(attention, dtype)
 
-    def _format_mask(self, attention: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _format_mask(self, attention: torch.Tensor, dtype: torch.dtype) -> Any:
         mask = attention[:, None]
-        if self.model.config._attn_implementation == "sdpa":
+        implementation = self.model.config._attn_implementation
+        if implementation == "sdpa":
             return mask
+        if implementation == "flex_attention":
+            return block_mask(attention)
         # eager (and others) add the mask to the scores: a boolean would be added as 0/1, so use 0 / -inf.
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
@@ -441,3 +444,17 @@ def randomize_adapter_(mtp: MTPModel, seed: int = 0, scale: float = 0.05,
             if name.split(".")[0] in parts:
                 p.copy_((torch.randn(p.shape, generator=gen) * scale).to(p.dtype))
     return mtp
+
+
+def block_mask(attention: torch.Tensor) -> Any:
+    """The boolean rule (B, Q, K) as a FlexAttention BlockMask: the kernels skip every 128 x 128 tile the rule
+    leaves empty. The training layout is mostly such tiles (a mask block sees its head's prefix and itself, not the
+    other blocks), so attention costs a fraction of the dense (k + 1)L x (k + 1)L product. Same rule, same
+    outputs as the dense mask, up to summation order."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def rule(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return attention[b, q, kv]
+
+    batch, queries, keys = attention.shape
+    return create_block_mask(rule, batch, None, queries, keys, device=attention.device)

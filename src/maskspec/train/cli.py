@@ -80,6 +80,8 @@ def register(app: typer.Typer) -> None:
         bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast (weights and optimizer stay fp32)."),
         gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
                                                     help="Recompute activations in backward (less memory)."),
+        attention: str = typer.Option("sdpa", "--attention", help="sdpa (dense mask) or flex (FlexAttention, "
+                                      "block-sparse: skips the empty tiles of the layout; compiled, for GPUs)."),
         block_fraction: float = typer.Option(1.0, "--block-fraction", help="Random fraction of mask blocks per "
                                              "sequence (seeded), to cut cost."),
         max_blocks: Optional[int] = typer.Option(None, "--max-blocks", help="At most N random mask blocks per "
@@ -118,6 +120,7 @@ def register(app: typer.Typer) -> None:
                           rank=rank, alpha=alpha, dropout=dropout, lr=lr, weight_decay=weight_decay, steps=steps,
                           batch_size=batch_size, grad_accum=grad_accum, warmup=warmup, schedule=schedule,
                           grad_clip=grad_clip, bf16=bf16, gradient_checkpointing=gradient_checkpointing,
+                          attention=attention,
                           max_length=max_length, block_fraction=block_fraction, max_blocks=max_blocks,
                           ce_weight=ce_weight, sampler_weight=sampler_weight, lcm_weight=lcm_weight,
                           kl_weight=kl_weight, sampler_prev=sampler_prev, save_every=save_every, keep_checkpoints=keep_checkpoints,

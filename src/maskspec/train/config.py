@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from maskspec.errors import MaskspecError
 from maskspec.train.losses import SAMPLER_PREVS, LossWeights
 
+# --attention values and the transformers attention implementation each selects
+ATTENTIONS = {"sdpa": "sdpa", "flex": "flex_attention"}
+
 
 class TrainError(MaskspecError):
     """A training setup the user can fix (output folder, resume, options)."""
@@ -38,6 +41,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # attention kernel of the training passes: "sdpa" (a dense mask) or "flex" (FlexAttention with a block-sparse
+    # mask: the same rule, empty 128 x 128 tiles skipped; compiled, so it pays on a GPU)
+    attention: str = "sdpa"
     # data / layout
     max_length: int = 1024
     block_fraction: float = 1.0
@@ -87,6 +93,7 @@ class TrainConfig:
             (self.max_blocks is None or self.max_blocks >= 1, "--max-blocks must be >= 1"),
             (self.schedule in ("constant", "cosine"), "--schedule must be 'constant' or 'cosine'"),
             (self.sampler_prev in SAMPLER_PREVS, "--sampler-prev must be 'true' or 'own'"),
+            (self.attention in ATTENTIONS, "--attention must be 'sdpa' or 'flex'"),
             (self.save_every >= 1, "--save-every must be >= 1"), (self.eval_every >= 0, "--eval-every must be >= 0"),
             (self.draft_vocab >= 0, "--draft-vocab must be >= 0"),
             (self.time_limit is None or self.time_limit > 0, "--time-limit must be > 0 seconds"),

@@ -248,9 +248,12 @@ def select_heads(heads: list[int], fraction: float = 1.0, max_blocks: int | None
 
 
 def make_batch(examples: Sequence[Example], k: int, *, block_fraction: float = 1.0, max_blocks: int | None = None,
-               seeds: Sequence[int] | None = None, pad_token_id: int = 0) -> TrainBatch:
+               seeds: Sequence[int] | None = None, pad_token_id: int = 0, normals_first: bool = False) -> TrainBatch:
     """Build the one-pass training layout (method.md §3) of each example and pad them into one batch.
-    `seeds[i]` seeds example i's block subset, so the choice does not depend on batch composition."""
+    `seeds[i]` seeds example i's block subset, so the choice does not depend on batch composition.
+    `normals_first` puts each example's normal rows first and its blocks after them: the same rule and the same
+    losses, but mask rows no longer interleave with the normal rows, so a block-sparse kernel (`--attention flex`)
+    finds most 128 x 128 tiles empty (about 82% of them for 300 tokens at k = 8, against 46% interleaved)."""
     from maskspec.model.layout import (IGNORE_INDEX, build_layout, consistency_anchor_rows, default_block_heads,
                                        pad_rows_attention, training_labels)
 
@@ -260,7 +263,7 @@ def make_batch(examples: Sequence[Example], k: int, *, block_fraction: float = 1
         if block_fraction < 1.0 or max_blocks is not None:
             gen = torch.Generator().manual_seed(int(seeds[i]) if seeds is not None else i)
             heads = select_heads(heads, block_fraction, max_blocks, gen)
-        layout = build_layout(ex.input_ids.numel(), heads, k, normals_first=False)
+        layout = build_layout(ex.input_ids.numel(), heads, k, normals_first=normals_first)
         labels = training_labels(layout, ex.input_ids, ex.labelled)
         n = ex.input_ids.numel()
         # Mask j of head h predicts x_{h+1+j}; the token before that target is x_{h+j} (slot = j-1).

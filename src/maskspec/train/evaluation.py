@@ -23,7 +23,8 @@ def split_eval(examples: list[Example], eval_size: int, seed: int) -> tuple[list
 
 @torch.no_grad()
 def evaluate(mtp, examples: Sequence[Example], batch_size: int, *, bf16: bool = False,
-             device: torch.device | str = "cpu", rank: int = 0, world: int = 1) -> dict[str, Any]:
+             device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
+             normals_first: bool = False) -> dict[str, Any]:
     """Per-offset top-1 accuracy of mask predictions on `examples` (every block), for the base head and the
     sampler (fed the true previous token). Shards the examples over processes and sums the counts."""
     k = mtp.k
@@ -33,7 +34,7 @@ def evaluate(mtp, examples: Sequence[Example], batch_size: int, *, bf16: bool = 
     mine = list(examples)[rank::world]
     device = torch.device(device)
     for s in range(0, len(mine), batch_size):
-        batch = make_batch(mine[s:s + batch_size], k).to(device)
+        batch = make_batch(mine[s:s + batch_size], k, normals_first=normals_first).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             hidden = mtp.forward_rows(batch.token_ids, batch.mask_slot, batch.position_ids, batch.attention,
                                       batch.key_positions).hidden

@@ -42,5 +42,6 @@ class DataStream:
             positions = range(first, first + cfg.batch_size)
             micro.append(make_batch([self.examples[self.index(p)] for p in positions], cfg.k,
                                     block_fraction=cfg.block_fraction, max_blocks=cfg.max_blocks,
-                                    seeds=[self.block_seed(p) for p in positions], pad_token_id=pad_token_id))
+                                    seeds=[self.block_seed(p) for p in positions], pad_token_id=pad_token_id,
+                                    normals_first=cfg.attention == "flex"))
         return micro

@@ -227,7 +227,7 @@ def _evaluate_and_save(run: _Run, done: int) -> None:
 def _evaluate(run: _Run, step: int) -> None:
     procs = run.procs
     ev = {"step": step, **evaluate(run.mtp, run.held_out, run.cfg.batch_size, bf16=run.cfg.bf16, device=procs.device,
-                                   rank=procs.rank, world=procs.world)}
+                                   rank=procs.rank, world=procs.world, normals_first=run.cfg.attention == "flex")}
     run.result.evals.append(ev)
     run.log.write({"eval": True, **ev})
 
@@ -272,9 +272,26 @@ def _prepare_model(cfg: TrainConfig, mtp, device: torch.device):
         mtp.to(device)
     if mtp.k != cfg.k:
         raise TrainError(f"the model's adapter has k={mtp.k} but the config asks for k={cfg.k}")
+    _set_attention(mtp, cfg.attention, device)
     if cfg.init_adapter is not None:
         _init_from_adapter(mtp, cfg)
     return mtp
+
+
+def _set_attention(mtp, attention: str, device: torch.device) -> None:
+    """Switch the base model's attention implementation for training (the adapter files do not depend on it)."""
+    from maskspec.train.config import ATTENTIONS
+
+    wanted = ATTENTIONS[attention]
+    if attention == "flex" and device.type == "cpu":
+        raise TrainError("--attention flex needs a GPU: FlexAttention has no backward pass on CPU (use sdpa there)")
+    if mtp.model.config._attn_implementation == wanted:
+        return
+    try:
+        mtp.model.set_attn_implementation(wanted)
+    except (ValueError, ImportError) as exc:
+        raise TrainError(f"--attention {attention}: {type(mtp.model).__name__} cannot use {wanted} here ({exc})") \
+            from None
 
 
 def _init_from_adapter(mtp, cfg: TrainConfig) -> None:
