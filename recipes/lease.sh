@@ -117,10 +117,11 @@ PY
     log "step costs of a Llama-3-8B-shaped model"
     $PY scripts/step_cost_model.py --shape "${STEP_SHAPE:-llama3-8b}" --device "$DEVICE" --dtype bf16 --out "$OUT/step-costs-8b" \
       > "$OUT/step-costs-8b.log" 2>&1 || log "step costs failed"
-    for dtype in bf16 fp32; do
+    for dtype in ${BENCH_DTYPES:-bf16 fp32}; do
       log "bench $dtype"
       $MASKSPEC bench --suite "$STAGE/dev.jsonl" --n "$BENCH_N" --device "$DEVICE" --dtype "$dtype" \
-        --k 1,2,4,8 --tree 0,8,16 --modes ar,quadratic --max-new-tokens 128 --out "$OUT/bench-$dtype" \
+        --k "${BENCH_K:-2,4,8}" --tree "${BENCH_TREE:-0,16}" --modes ar,quadratic --max-new-tokens 128 \
+        --out "$OUT/bench-$dtype" \
         > "$OUT/bench-$dtype.log" 2>&1 || log "bench $dtype failed"
     done
     ;;
