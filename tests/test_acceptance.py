@@ -210,45 +210,6 @@ def test_acceptance_cli(tmp_path, monkeypatch):
     assert broken.exit_code != 0 and "--answers" in str(broken.exception)
 
 
-@pytest.mark.parametrize("vocab", ["trained", "small"])
-def test_simulated_tree_passes_equal_real_decoding(trained_tiny, vocab):
-    """Trees of several shapes (with and without the prompt-lookup branch), simulated from one teacher-forced
-    pass, need exactly the passes real tree decoding needs, and their node counts are the real trees' sizes."""
-    from maskspec.decode.decoder import Decoder
-    from maskspec.decode.drafters import TreeDrafter
-
-    mtp, prompts = trained_tiny
-    trained_vocab = mtp.draft_vocab
-    if vocab == "small":
-        mtp.set_draft_vocab(sorted(random.Random(0).sample(range(3, 128), 30) + [2]))
-    shapes = [TreeShape(2, 3), TreeShape(3, 6), TreeShape(3, 4, width=3, lookup=False), TreeShape(1, 2)]
-    try:
-        beyond_chain = 0
-        for prompt in prompts:
-            answer = list(generate(mtp, prompt, max_new_tokens=30, mode="ar").new_token_ids)
-            chain, _, _ = draft_matches(mtp, prompt, answer, ["sampler"])
-            matches, nodes = tree_matches(mtp, prompt, answer, shapes)
-            for shape in shapes:
-                drafter = TreeDrafter(mtp, shape.budget, shape.width, shape.lookup)
-                decoder = Decoder(mtp, mode="quadratic", k=shape.k, drafter=drafter)
-                seq = decoder.add(prompt, 30)
-                sizes = []
-                while decoder.has_work():
-                    decoder.step()
-                    if not seq.finished:
-                        sizes.append(len(seq.proposal.tokens))
-                assert seq.output == answer
-                steps: list[int] = []
-                assert seq.stats.forward_passes == simulate(matches[shape.key], shape.k, len(answer), "quadratic",
-                                                            steps), (prompt, shape)
-                # the trees the decoder verified are the simulated ones (the last step's drafts are never used)
-                assert [nodes[shape.key][h] for h in steps] == sizes[:len(steps)]
-                beyond_chain += sum(t > min(c, shape.k) for t, c in zip(matches[shape.key], chain["sampler"]))
-        assert beyond_chain > 5  # the trees really accepted more than the chain somewhere
-    finally:
-        mtp.set_draft_vocab(trained_vocab)
-
-
 @pytest.mark.slow  # the embedded model's tokenizer
 def test_acceptance_cli_with_draft_vocab(tmp_path):
     from maskspec.adapter import write_draft_vocab
