@@ -28,6 +28,7 @@ import torch
 
 from maskspec.decode.drafters import add_lookup_branch, grow_trees
 from maskspec.decode.steps import DRAFT_MODES
+from maskspec.decode.verify import greedy_tree_path
 from maskspec.model.layout import build_layout
 from maskspec.model.mtp import MTPModel
 
@@ -231,17 +232,9 @@ def tree_matches(mtp: MTPModel, prompt_ids: Sequence[int], continuation: Sequenc
         for h, tree in zip(heads, trees):
             if shape.lookup:
                 add_lookup_branch(tree, sequence[:h + 2], shape.k)
-            matches[shape.key].append(_path_depth(tree.tokens, tree.parents, sequence[h + 2:h + 2 + shape.k]))
+            truth = sequence[h + 2:h + 2 + shape.k]  # greedy verification follows the continuation
+            path = greedy_tree_path(tree.tokens, tree.parents,
+                                    lambda node, depth: truth[depth] if depth < len(truth) else None)
+            matches[shape.key].append(len(path))
             nodes[shape.key].append(len(tree.tokens))
     return matches, nodes
-
-
-def _path_depth(tokens: Sequence[int], parents: Sequence[int], truth: Sequence[int]) -> int:
-    """How many tokens of `truth` a root-to-leaf path of the tree spells (siblings hold distinct tokens)."""
-    at, depth = -1, 0
-    for want in truth:
-        nxt = next((i for i, (t, p) in enumerate(zip(tokens, parents)) if p == at and t == want), None)
-        if nxt is None:
-            break
-        at, depth = nxt, depth + 1
-    return depth

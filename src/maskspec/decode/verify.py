@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -117,24 +117,37 @@ def accept_greedy(drafts: list[int], target_argmax: list[int]) -> tuple[int, int
     return accepted, target_argmax[accepted]
 
 
+def tree_children(parents: list[int]) -> dict[int, list[int]]:
+    """Each node's children in index order (-1: the children of the newest verified token)."""
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(parents):
+        children.setdefault(parent, []).append(i)
+    return children
+
+
+def greedy_tree_path(tokens: list[int], parents: list[int], wanted: Callable[[int, int], int | None]) -> list[int]:
+    """The root-to-leaf path that follows the wanted tokens: from the newest verified token (node -1), go to the
+    child holding wanted(node, depth), then on from it, until no child holds it (or wanted gives None)."""
+    children = tree_children(parents)
+    path: list[int] = []
+    at = -1
+    while True:
+        want = wanted(at, len(path))
+        nxt = next((c for c in children.get(at, ()) if tokens[c] == want), None) if want is not None else None
+        if nxt is None:
+            return path
+        path.append(nxt)
+        at = nxt
+
+
 def accept_greedy_tree(tokens: list[int], parents: list[int], target_argmax: list[int]) -> tuple[list[int], int]:
     """Greedy acceptance over a draft tree: (the accepted path as node indices, root to leaf; the token after it).
     Node i holds `tokens[i]` and hangs off node `parents[i]` (-1: off the newest verified token). target_argmax[0]
     is the greedy token after the newest verified token, target_argmax[1 + i] the one after node i. From the root,
     the child whose token is the greedy one is accepted, then its child, and so on: the path plain greedy decoding
     takes (a chain is the tree whose node i hangs off node i - 1)."""
-    children: dict[int, list[int]] = {}
-    for i, p in enumerate(parents):
-        children.setdefault(p, []).append(i)
-    path: list[int] = []
-    at = -1
-    while True:
-        want = target_argmax[at + 1]
-        nxt = next((c for c in children.get(at, ()) if tokens[c] == want), None)
-        if nxt is None:
-            return path, want
-        path.append(nxt)
-        at = nxt
+    path = greedy_tree_path(tokens, parents, lambda node, depth: target_argmax[node + 1])
+    return path, target_argmax[(path[-1] if path else -1) + 1]
 
 
 def accept_sampling(drafts: list[int], draft_probs: list[torch.Tensor], target_probs: torch.Tensor,
@@ -167,9 +180,7 @@ def accept_sampling_tree(tokens: list[int], parents: list[int], draft_probs: lis
     This is SpecInfer's multi-draft rule with siblings drawn without replacement (as in recursive speculative
     decoding, Jeon et al. 2024): no second try is spent on a token already rejected, and a point-mass sibling
     (prompt lookup) fits the same rule."""
-    children: dict[int, list[int]] = {}
-    for i, parent in enumerate(parents):
-        children.setdefault(parent, []).append(i)
+    children = tree_children(parents)
     path: list[int] = []
     at = -1
     while True:
