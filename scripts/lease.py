@@ -13,8 +13,9 @@ then tars the stage and cuts the tar into parts of at most --part-mb MB (.devcar
 the `run` calls of the lease: one call per part, back to back (the machine stays warm about 30 s after a call and
 keeps the parts), the last one running `recipes/lease.sh` on what the parts hold. .devcarry/ is git-ignored.
 
-    python scripts/lease.py prepare [--answers data/answers/X.jsonl.gz] [--prompts ../shared/data/train/prompts-v2.jsonl]
-                                    [--dev ../shared/data/eval/dev.jsonl] [--dev-answers FILE.json] [--python 3.11 ...]
+    python scripts/lease.py prepare [--answers data/answers/X.jsonl.gz] [--dev-answers FILE.json]
+                                    [--prompts ../shared/data/train/prompts-v2.jsonl]
+                                    [--dev ../shared/data/eval/dev.jsonl] [--python 3.12 ...]
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`python -m maskspec ...`: the `maskspec` command without its console script (e.g. from a source tree on PYTHONPATH)."""
+"""`python -m maskspec ...`: the `maskspec` command without its console script (e.g. a source tree on
+PYTHONPATH)."""
 
 from maskspec.cli import main
 

@@ -30,9 +30,10 @@ def profile_prompts(mtp: Any, prompts: Sequence[Any], max_new_tokens: int, draft
                     on_done: Callable[[PromptProfile], None] | None = None,
                     answers: dict[str, dict[str, Any]] | None = None,
                     trees: Sequence[TreeShape] = ()) -> list[PromptProfile]:
-    """Decode each prompt greedily and measure its draft matches (and those of each draft-tree shape). `answers` (prompt id -> {"prompt_ids",
-    "max_new_tokens", "token_ids"}) holds greedy answers from earlier runs: they depend on the base model only,
-    so adapters can be compared without decoding again. New answers are added to it."""
+    """Decode each prompt greedily and measure its draft matches (and those of each draft-tree shape in `trees`).
+    `answers` (prompt id -> {"prompt_ids", "max_new_tokens", "token_ids"}) holds greedy answers from earlier runs:
+    they depend on the base model only, so adapters can be compared without decoding again. New answers are added
+    to it."""
     from maskspec.decode.api import generate, prepare_input_ids
 
     answers = {} if answers is None else answers
@@ -153,8 +154,7 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
-    from maskspec.adapter import shipped_adapter_for
-    from maskspec.adapter import read_adapter_config, resolve_adapter
+    from maskspec.adapter import read_adapter_config, resolve_adapter, shipped_adapter_for
     from maskspec.bench.cli import check_choices, check_out_folder, parse_ints, split_option
     from maskspec.bench.runner import system_info
     from maskspec.decode.steps import DRAFT_MODES
@@ -179,9 +179,7 @@ def run_acceptance(model: str = "default", adapter: Optional[str] = None, suite:
         raise MaskspecError(f"--tree-width must be at least 1, got {tree_width}")
     adapter_k = read_adapter_config(resolve_adapter(adapter, model)).k
     if tree_k is not None:
-        tree_ks = parse_ints("--tree-k", tree_k, example="2,4,8")
-        if max(tree_ks) > adapter_k:
-            raise MaskspecError(f"--tree-k {max(tree_ks)}: the adapter drafts at most k = {adapter_k}")
+        tree_ks = parse_ints("--tree-k", tree_k, example="2,4,8", adapter_k=adapter_k)
     else:
         tree_ks = [k for k in (2, 4, 8) if k <= adapter_k] or [adapter_k]
     shapes = [TreeShape(k, budget, tree_width, tree_lookup) for k in tree_ks for budget in budgets]

@@ -25,14 +25,18 @@ def split_option(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
-def parse_ints(option: str, value: str, minimum: int = 1, example: str = "1,2,4,8") -> list[int]:
-    """A comma-separated list of integers >= `minimum`, sorted and without duplicates; one-line error if not."""
+def parse_ints(option: str, value: str, minimum: int = 1, example: str = "1,2,4,8",
+               adapter_k: int | None = None) -> list[int]:
+    """A comma-separated list of integers >= `minimum` (and, given `adapter_k`, k values the adapter drafts),
+    sorted and without duplicates; one-line error if not."""
     try:
         values = [int(part) for part in split_option(value)]
     except ValueError:
         raise MaskspecError(f"{option} takes comma-separated integers such as {example}, got {value!r}") from None
     if not values or any(v < minimum for v in values):
         raise MaskspecError(f"{option} needs at least one integer >= {minimum}, got {value!r}")
+    if adapter_k is not None and max(values) > adapter_k:
+        raise MaskspecError(f"{option} {max(values)}: the adapter drafts at most k = {adapter_k}")
     return sorted(set(values))
 
 

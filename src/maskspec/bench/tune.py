@@ -116,9 +116,7 @@ def run_tune(model: str = "default", adapter: Optional[str] = None, suite: Optio
         raise MaskspecError(f"adapter folder {adapter_path} is not writable, so the choice cannot be recorded: copy "
                             "it somewhere writable and pass --adapter COPY, or pass --no-save")
     if k is not None:
-        ks = parse_ints("--k", k)
-        if max(ks) > adapter_k:
-            raise MaskspecError(f"--k {max(ks)}: the adapter drafts at most k = {adapter_k}")
+        ks = parse_ints("--k", k, adapter_k=adapter_k)
     else:
         ks = [x for x in (1, 2, 4, 8) if x <= adapter_k]
     device = resolve_device(device)

@@ -136,17 +136,21 @@ class MTPModel(nn.Module):
     def default_k(self) -> int:
         """The k decoding uses when given none: what the adapter's config recommends for this device type (a
         measured choice: more drafts cost more per pass), else the adapter's k."""
-        entry = self.decoding_defaults.get(self.device.type)
-        k = entry.get("k") if isinstance(entry, dict) else None
-        return k if isinstance(k, int) and 1 <= k <= self.k else self.k
+        k = self._decoding_default("k")
+        return k if k is not None and 1 <= k <= self.k else self.k
 
     @property
     def default_tree(self) -> int:
         """The draft-tree size decoding uses when given neither k nor a tree: what the adapter's config recommends
         for this device type (`maskspec tune` measures it), else 0 (a chain)."""
+        tree = self._decoding_default("tree")
+        return tree if tree is not None and tree >= 0 else 0
+
+    def _decoding_default(self, name: str) -> int | None:
+        """An integer the adapter's config records for this device type (`decoding.<type>.<name>`), else None."""
         entry = self.decoding_defaults.get(self.device.type)
-        tree = entry.get("tree") if isinstance(entry, dict) else None
-        return tree if isinstance(tree, int) and not isinstance(tree, bool) and tree >= 0 else 0
+        value = entry.get(name) if isinstance(entry, dict) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     @property
     def device(self) -> torch.device:

@@ -123,7 +123,8 @@ def register(app: typer.Typer) -> None:
                           attention=attention,
                           max_length=max_length, block_fraction=block_fraction, max_blocks=max_blocks,
                           ce_weight=ce_weight, sampler_weight=sampler_weight, lcm_weight=lcm_weight,
-                          kl_weight=kl_weight, sampler_prev=sampler_prev, save_every=save_every, keep_checkpoints=keep_checkpoints,
+                          kl_weight=kl_weight, sampler_prev=sampler_prev, save_every=save_every,
+                          keep_checkpoints=keep_checkpoints,
                           eval_every=eval_every, eval_size=eval_size, resume=resume, overwrite=overwrite,
                           init_adapter=str(init_adapter) if init_adapter is not None else None,
                           time_limit=time_limit, draft_vocab=draft_vocab, seed=seed, progress=progress, cpu=cpu)
