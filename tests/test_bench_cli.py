@@ -123,6 +123,32 @@ def test_bench_with_draft_trees(tiny_folders, tmp_path):
 
 
 @pytest.mark.slow  # the embedded model's tokenizer
+def test_bench_with_the_static_step_and_hf_static_cache(tiny_folders, tmp_path):
+    model_dir, adapter_dir = tiny_folders
+    out = tmp_path / "out"
+    result = CliRunner().invoke(bench_app(), [
+        "bench", "--model", str(model_dir), "--adapter", str(adapter_dir), "--domains", "math,code", "--n", "1",
+        "--modes", "ar,quadratic", "--k", "2", "--tree", "0,4", "--static", "--baselines", "hf,hf-static",
+        "--max-new-tokens", "10", "--no-plots", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["config"]["static"] is True
+    # Static twins of ar and of the chain only (trees have no static step).
+    assert payload["config"]["methods"] == ["hf", "hf-static", "ar", "ar static", "quadratic k=2",
+                                            "quadratic k=2 static", "quadratic k=2 tree=4"]
+    by_label = {(r["domain"], r["label"]): r for r in payload["results"]}
+    for domain in ("math", "code", "all"):
+        fixed, usual = by_label[(domain, "quadratic k=2 static")], by_label[(domain, "quadratic k=2")]
+        assert fixed["static"] is True and fixed["exact_match"] == 1.0
+        assert fixed["forward_passes"] == usual["forward_passes"]  # the same drafts, the same passes
+        assert by_label[(domain, "hf-static")]["exact_match"] == 1.0
+    assert payload["mismatches"] == []
+    refused = CliRunner().invoke(bench_app(), ["bench", "--model", str(model_dir), "--adapter", str(adapter_dir),
+                                               "--static", "--temperature", "0.5", "--out", str(tmp_path / "x")])
+    assert refused.exit_code != 0 and "--static decodes greedily" in str(refused.exception)
+
+
+@pytest.mark.slow  # the embedded model's tokenizer
 def test_bench_without_adapter_runs_baselines_and_ar(tiny_folders, tmp_path):
     model_dir, _ = tiny_folders
     out = tmp_path / "out"

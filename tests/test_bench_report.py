@@ -85,7 +85,7 @@ def test_aggregate_tau_speedup_exact_match(records):
     assert lookup_code["forward_passes"] == 3 and lookup_code["tokens_per_pass"] == 2.0
 
     assert mismatches == [{"prompt_id": "p3", "domain": "code", "method": "maskspec", "mode": "quadratic", "k": 2,
-                           "tree": 0, "label": "quadratic k=2", "repeat": 0, "first_difference": 3, "new_tokens": 6,
+                           "tree": 0, "static": False, "label": "quadratic k=2", "repeat": 0, "first_difference": 3, "new_tokens": 6,
                            "baseline_new_tokens": 6, "matches_ar": None}]
     assert row(rows, "code", "quadratic k=2")["exact_match_vs_ar"] is None  # mode ar did not run
 
@@ -183,6 +183,11 @@ def test_helpers():
     assert skipped == [4]
     methods, _ = build_methods(["ar", "quadratic"], [1, 2], ["hf"], max_k=None)
     assert methods == [Method("hf"), Method("ar", "ar", None)]
+    methods, _ = build_methods(["ar", "quadratic", "linear"], [2], ["hf", "hf-static"], max_k=2, trees=[0, 4],
+                               static=True)
+    assert [m.label for m in methods] == ["hf", "hf-static", "ar", "ar static", "quadratic k=2",
+                                          "quadratic k=2 static", "quadratic k=2 tree=4", "linear k=2"]
+    assert len({m.key for m in methods}) == len(methods)
 
 
 def test_builtin_suite():

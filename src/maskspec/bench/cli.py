@@ -78,10 +78,11 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
               modes: str = "ar,linear,quadratic", baselines: str = "hf,hf-prompt-lookup",
               max_new_tokens: int = 128, temperature: float = 0.0, repeats: int = 1, out: Optional[Path] = None,
               device: str = "auto", dtype: Optional[str] = None, prompt_lookup_tokens: int = 10, seed: int = 0,
-              plots: bool = True, tree: str = "0") -> dict[str, Any]:
+              plots: bool = True, tree: str = "0", static: bool = False) -> dict[str, Any]:
     """The whole benchmark (also callable from Python). Returns the results.json payload plus `out`. `k` None:
     1,2,4,8, keeping those the adapter drafts; an explicit k above the adapter's k is an error. `tree`: the draft
-    tree sizes quadratic decoding runs with (comma-separated node budgets; 0 = the chain)."""
+    tree sizes quadratic decoding runs with (comma-separated node budgets; 0 = the chain). `static`: ar and the
+    quadratic chains run with the static step too (greedy only)."""
     import torch
     from rich.console import Console
     from transformers.utils import logging as hf_logging
@@ -110,6 +111,8 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
     if repeats < 1:
         raise MaskspecError(f"--repeats must be at least 1, got {repeats}")
     SamplingConfig(temperature=temperature)
+    if static and temperature > 0:
+        raise UsageError("--static decodes greedily: leave --temperature at 0, or leave --static off")
     check_seed(seed)
     if prompt_lookup_tokens < 1:
         raise MaskspecError(f"--prompt-lookup-tokens must be at least 1, got {prompt_lookup_tokens}")
@@ -157,7 +160,7 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
         mtp = MTPModel.from_pretrained(model, adapter=adapter_used, config=fresh_config, dtype=torch_dtype,
                                        device=device)
         max_k = mtp.config.k if drafting else None
-        methods, skipped = build_methods(mode_list, ks, baseline_list, max_k, trees)
+        methods, skipped = build_methods(mode_list, ks, baseline_list, max_k, trees, static=static)
         if skipped:
             notes.append(f"k = {', '.join(map(str, skipped))} skipped: the adapter drafts at most "
                          f"k = {mtp.config.k}.")
@@ -167,7 +170,8 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
                                  prompt_lookup_tokens=prompt_lookup_tokens, seed=seed)
         runner = BenchRunner(mtp, settings)
         progress.stage(f"warm-up: {len(methods)} methods once each")
-        runner.warm_up(methods, prompts[0])
+        longest = max(prompts, key=lambda p: runner.input_ids(p).shape[1])
+        runner.warm_up(methods, prompts[0], longest)
         per_prompt = repeats * len(methods)
         finished = [0]
 
@@ -188,7 +192,7 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
         "baselines": baseline_list, "methods": [m.label for m in methods], "max_new_tokens": max_new_tokens,
         "temperature": temperature, "repeats": repeats, "device": device,
         "dtype": str(torch_dtype).replace("torch.", ""), "prompt_lookup_tokens": prompt_lookup_tokens,
-        "seed": seed, "out": str(out), "notes": notes,
+        "seed": seed, "static": static, "out": str(out), "notes": notes,
     }
 
     rows, mismatches = report.aggregate(records, greedy=temperature == 0)
@@ -245,7 +249,8 @@ def register(app: typer.Typer) -> None:
         modes: str = typer.Option("ar,linear,quadratic", "--modes", help="Comma-separated: ar, linear, "
                                                                          "quadratic."),
         baselines: str = typer.Option("hf,hf-prompt-lookup", "--baselines",
-                                      help="Comma-separated: hf, hf-prompt-lookup (hf always runs)."),
+                                      help="Comma-separated: hf, hf-prompt-lookup, hf-static (static cache, "
+                                      "compiled on a GPU; hf always runs)."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="New tokens per generation at most."),
         temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (exact match is checked)."),
         repeats: int = typer.Option(1, "--repeats", help="Timed runs per prompt and method (mean and spread)."),
@@ -260,8 +265,10 @@ def register(app: typer.Typer) -> None:
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
         tree: str = typer.Option("0", "--tree", help="Comma-separated draft tree sizes (node budgets) for quadratic "
                                  "decoding, each run at every --k; 0 = the chain. Example: 0,4,8."),
+        static: bool = typer.Option(False, "--static", help="Also run ar and each quadratic chain with the static "
+                                    "step (fixed shapes, one host sync per step, a CUDA graph on a GPU)."),
     ) -> None:
         run_bench(model=model, adapter=adapter, suite=suite, domains=domains, n=n, k=k, modes=modes,
                   baselines=baselines, max_new_tokens=max_new_tokens, temperature=temperature, repeats=repeats,
                   out=out, device=device, dtype=dtype, prompt_lookup_tokens=prompt_lookup_tokens, seed=seed,
-                  plots=plots, tree=tree)
+                  plots=plots, tree=tree, static=static)

@@ -109,7 +109,7 @@ def _share_equal(recs: list[RunRecord], other: dict) -> float | None:
 
 def _row(domain: str, key: tuple, recs: list[RunRecord], baseline: dict, reference: dict,
          greedy: bool) -> dict[str, Any]:
-    method, mode, k, tree = key
+    method, mode, k, tree, static = key
     repeats = sorted({r.repeat for r in recs})
     tokens_r, passes_r, tps_r, speedup_r, seconds_r = [], [], [], [], []
     for rep in repeats:
@@ -136,8 +136,8 @@ def _row(domain: str, key: tuple, recs: list[RunRecord], baseline: dict, referen
     checks = [answer_correct(r.text, r.reference) for r in recs]
     checks = [c for c in checks if c is not None]
     return {
-        "domain": domain, "method": method, "mode": mode, "k": k, "tree": tree,
-        "label": method_label(method, mode, k, tree),
+        "domain": domain, "method": method, "mode": mode, "k": k, "tree": tree, "static": static,
+        "label": method_label(method, mode, k, tree, static),
         "prompts": len({r.prompt_id for r in recs}), "repeats": len(repeats),
         "new_tokens": _int_if_whole(_mean(tokens_r)),
         "forward_passes": None if all_passes is None else _int_if_whole(all_passes / len(repeats)),
@@ -161,7 +161,8 @@ def _mismatches(recs: list[RunRecord], baseline: dict, reference: dict) -> list[
         ar = reference.get((r.prompt_id, r.repeat)) if r.method == MASKSPEC else None
         if r.token_ids != base.token_ids:
             out.append({"prompt_id": r.prompt_id, "domain": r.domain, "method": r.method, "mode": r.mode,
-                        "k": r.k, "tree": r.tree, "label": method_label(r.method, r.mode, r.k, r.tree),
+                        "k": r.k, "tree": r.tree, "static": r.static,
+                        "label": method_label(r.method, r.mode, r.k, r.tree, r.static),
                         "repeat": r.repeat,
                         "first_difference": first_difference(r.token_ids, base.token_ids),
                         "new_tokens": r.new_tokens, "baseline_new_tokens": base.new_tokens,

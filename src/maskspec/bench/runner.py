@@ -3,9 +3,12 @@
 Methods:
 - `hf`: Hugging Face `generate`, greedy (or sampling with --temperature): the baseline every speed-up refers to;
 - `hf-prompt-lookup`: Hugging Face prompt-lookup decoding (`prompt_lookup_num_tokens`);
+- `hf-static`: Hugging Face greedy with its static cache, which on a GPU it also compiles (`torch.compile` of the
+  decoding forward); warmed on the longest prompt first, so no timed call compiles;
 - `ar`: maskspec's own reference loop (same code path as the drafting modes, no drafts);
 - `maskspec`: self-speculative decoding in mode `quadratic` or `linear` with k drafts (quadratic: also with draft
-  trees of up to `tree` nodes).
+  trees of up to `tree` nodes). `static` runs ar and the chains also with the static step (`decode.static`: a
+  CUDA graph per step on a GPU), labelled "... static".
 
 Each generation is timed by the wall clock around the call (after `torch.cuda.synchronize` on a GPU). Forward
 passes of the HF methods are counted with a forward hook on the base model (the prefill counts as one); the
@@ -28,34 +31,38 @@ from maskspec.errors import MaskspecError
 
 HF = "hf"
 HF_PROMPT_LOOKUP = "hf-prompt-lookup"
+HF_STATIC = "hf-static"
 AR = "ar"
 MASKSPEC = "maskspec"
-BASELINES = (HF, HF_PROMPT_LOOKUP)
+BASELINES = (HF, HF_PROMPT_LOOKUP, HF_STATIC)
 
 
-def method_label(method: str, mode: str | None, k: int | None, tree: int = 0) -> str:
+def method_label(method: str, mode: str | None, k: int | None, tree: int = 0, static: bool = False) -> str:
+    suffix = " static" if static else ""
     if method != MASKSPEC:
-        return method
-    return f"{mode} k={k}" + (f" tree={tree}" if tree else "")
+        return method + suffix
+    return f"{mode} k={k}" + (f" tree={tree}" if tree else "") + suffix
 
 
 @dataclass(frozen=True)
 class Method:
-    """One decoding method: `method` is hf | hf-prompt-lookup | ar | maskspec; mode, k and tree only for maskspec
-    (mode "ar" for the reference loop; tree 0: a chain)."""
+    """One decoding method: `method` is hf | hf-prompt-lookup | hf-static | ar | maskspec; mode, k and tree only
+    for maskspec (mode "ar" for the reference loop; tree 0: a chain); `static`: ar or a chain with the static
+    step."""
 
     method: str
     mode: str | None = None
     k: int | None = None
     tree: int = 0
+    static: bool = False
 
     @property
     def label(self) -> str:
-        return method_label(self.method, self.mode, self.k, self.tree)
+        return method_label(self.method, self.mode, self.k, self.tree, self.static)
 
     @property
-    def key(self) -> tuple[str, str | None, int | None, int]:
-        return (self.method, self.mode, self.k, self.tree)
+    def key(self) -> tuple[str, str | None, int | None, int, bool]:
+        return (self.method, self.mode, self.k, self.tree, self.static)
 
 
 @dataclass
@@ -75,10 +82,11 @@ class RunRecord:
     text: str = ""
     reference: str | None = None
     tree: int = 0
+    static: bool = False
 
     @property
-    def key(self) -> tuple[str, str | None, int | None, int]:
-        return (self.method, self.mode, self.k, self.tree)
+    def key(self) -> tuple[str, str | None, int | None, int, bool]:
+        return (self.method, self.mode, self.k, self.tree, self.static)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,17 +103,22 @@ class BenchSettings:
 
 
 def build_methods(modes: Iterable[str], ks: Iterable[int], baselines: Iterable[str],
-                  max_k: int | None, trees: Iterable[int] = (0,)) -> tuple[list[Method], list[int]]:
+                  max_k: int | None, trees: Iterable[int] = (0,),
+                  static: bool = False) -> tuple[list[Method], list[int]]:
     """The method list in run order (hf first: it is the baseline) and the ks skipped because they exceed the
     adapter's k. `max_k=None` means no drafting adapter: only baselines and mode ar. Quadratic decoding runs
-    once per tree size in `trees` (0: the chain); linear decoding drafts chains only."""
+    once per tree size in `trees` (0: the chain); linear decoding drafts chains only. With `static`, ar and each
+    quadratic chain also run with the static step, right after their usual step."""
     trees = list(trees)
     methods = [Method(HF)]
-    if HF_PROMPT_LOOKUP in baselines:
-        methods.append(Method(HF_PROMPT_LOOKUP))
+    for baseline in (HF_PROMPT_LOOKUP, HF_STATIC):
+        if baseline in baselines:
+            methods.append(Method(baseline))
     modes = list(modes)
     if AR in modes:
         methods.append(Method(AR, AR, None))
+        if static:
+            methods.append(Method(AR, AR, None, static=True))
     skipped: list[int] = []
     if max_k is not None:
         for mode in (m for m in DRAFT_MODES if m in modes):
@@ -116,6 +129,8 @@ def build_methods(modes: Iterable[str], ks: Iterable[int], baselines: Iterable[s
                     continue
                 for tree in (trees if mode == "quadratic" else [0]):
                     methods.append(Method(MASKSPEC, mode, k, tree))
+                    if static and mode == "quadratic" and not tree:
+                        methods.append(Method(MASKSPEC, mode, k, tree, static=True))
     return methods, skipped
 
 
@@ -180,6 +195,8 @@ class BenchRunner:
                 kwargs.update(do_sample=False)
             if method.method == HF_PROMPT_LOOKUP:
                 kwargs["prompt_lookup_num_tokens"] = s.prompt_lookup_tokens
+            if method.method == HF_STATIC:
+                kwargs["cache_implementation"] = "static"
             counter = _PassCounter(self.mtp.model)
             try:
                 if s.temperature > 0:
@@ -200,18 +217,27 @@ class BenchRunner:
         self._sync()
         start = time.perf_counter()
         out = generate(self.mtp, input_ids, max_new_tokens=max_new_tokens, mode=method.mode, k=method.k,
-                       tree=method.tree, temperature=s.temperature, seed=seed if s.temperature > 0 else None)
+                       tree=method.tree, temperature=s.temperature, seed=seed if s.temperature > 0 else None,
+                       static=method.static)
         self._sync()
         seconds = time.perf_counter() - start
         return truncate_at_eos(list(out.new_token_ids), self.mtp.eos_token_ids), out.stats.forward_passes, seconds
 
     # ------------------------------------------------------------------ the benchmark
-    def warm_up(self, methods: list[Method], prompt: BenchPrompt) -> None:
-        """Run every method once, untimed, with few tokens: first-call costs (allocations, kernels) go here."""
+    def warm_up(self, methods: list[Method], prompt: BenchPrompt, longest: BenchPrompt | None = None) -> None:
+        """Run every method once, untimed, with few tokens: first-call costs (allocations, kernels) go here.
+        Methods with fixed-size state are also run once on `longest` (the longest prompt) with the full budget:
+        hf-static then compiles for the largest cache the run needs (Hugging Face keeps the largest size seen),
+        and the static step sizes its KV storage for every prompt, so no timed call compiles or captures."""
         ids = self.input_ids(prompt)
         for method in methods:
             self.generate(method, ids, min(self.settings.warmup_tokens, self.settings.max_new_tokens),
                           self.settings.seed)
+        if longest is not None:
+            ids = self.input_ids(longest)
+            for method in methods:
+                if method.method == HF_STATIC or method.static:
+                    self.generate(method, ids, self.settings.max_new_tokens, self.settings.seed)
 
     def run(self, prompts: list[BenchPrompt], methods: list[Method],
             on_done: Callable[[RunRecord], None] | None = None) -> list[RunRecord]:
@@ -231,7 +257,8 @@ class BenchRunner:
                     record = RunRecord(prompt_id=prompt.id, domain=prompt.domain, method=method.method,
                                        mode=method.mode, k=method.k, repeat=repeat, new_tokens=len(tokens),
                                        forward_passes=passes, seconds=seconds, token_ids=tokens,
-                                       text=self.decode(tokens), reference=prompt.reference, tree=method.tree)
+                                       text=self.decode(tokens), reference=prompt.reference, tree=method.tree,
+                                       static=method.static)
                     records.append(record)
                     if on_done is not None:
                         on_done(record)

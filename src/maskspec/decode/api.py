@@ -55,15 +55,17 @@ def prepare_input_ids(mtp: MTPModel, prompt: Prompt, chat_template: bool = True)
 def start(mtp: MTPModel, prompt: Prompt, *, max_new_tokens: int = 256, mode: str = "quadratic",
           k: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
           stop: Sequence[str] | None = None, seed: int | None = None, eos_token_ids: Sequence[int] | None = None,
-          chat_template: bool = True, tree: int | None = None) -> tuple[torch.Tensor, Decoder, DecodingSequence]:
+          chat_template: bool = True, tree: int | None = None,
+          static: bool = False) -> tuple[torch.Tensor, Decoder, DecodingSequence]:
     """A decoder holding one sequence for `prompt`, ready to step: (the prompt's ids, the decoder, the sequence).
     `tree` > 0 drafts trees of up to that many nodes (mode quadratic), 0 a chain; None (the default) takes what the
-    adapter's config recommends for this device when k is not given either (see `Decoder`)."""
+    adapter's config recommends for this device when k is not given either (see `Decoder`). `static`: the static
+    step (greedy chains; a CUDA graph on a GPU, `decode.static`)."""
     if max_new_tokens < 0:
         raise MaskspecError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     ids = prepare_input_ids(mtp, prompt, chat_template)
-    decoder = Decoder(mtp, mode=mode, k=k, tree=tree)
+    decoder = Decoder(mtp, mode=mode, k=k, tree=tree, static=static)
     seq = decoder.add(ids[0].tolist(), max_new_tokens, sampling=sampling, seed=seed, eos_token_ids=eos_token_ids,
                       stop=list(stop or []))
     return ids, decoder, seq
@@ -89,7 +91,7 @@ def stream(mtp: MTPModel, prompt: Prompt, **kwargs: Any) -> Iterator[StreamChunk
     """Yield verified tokens (and their text) as they are produced; the last chunk's stats are final.
 
     kwargs: max_new_tokens, mode ("quadratic" | "linear" | "ar"), k, temperature, top_p, top_k, stop, seed,
-    eos_token_ids, chat_template, tree (see `start`)."""
+    eos_token_ids, chat_template, tree, static (see `start`)."""
     _, decoder, seq = start(mtp, prompt, **kwargs)
     yield from chunks(decoder, seq)
 

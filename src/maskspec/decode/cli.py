@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from maskspec.decode.api import StreamChunk, generate, stream
+from maskspec.decode.static import check_static
 from maskspec.decode.steps import MODES, resolve_k, resolve_tree
 from maskspec.decode.verify import SamplingConfig, check_seed
 from maskspec.errors import MaskspecError, UsageError
@@ -79,10 +80,15 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("fp32", "--dtype"),
         device: str = typer.Option("cpu", "--device"),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (last line of stdout)."),
+        static: bool = typer.Option(False, "--static", help="The static step: fixed shapes, one host sync per "
+                                    "step, a CUDA graph on a GPU (greedy chains, modes ar and quadratic)."),
     ) -> None:
         """Generate an answer to PROMPT, several tokens per forward pass."""
         check_sampling(temperature, top_p, top_k, seed)
         check_tree(tree, mode)
+        if static:
+            check_static(mode, tree, greedy=temperature == 0)
+            tree = 0
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
         tree = resolve_tree(mtp, mode, k, tree if mode == "quadratic" else None)  # fallback to ar: no drafts
 
@@ -92,13 +98,14 @@ def register(app: typer.Typer) -> None:
                 sys.stdout.flush()
 
         out = generate(mtp, prompt, streamer=show, max_new_tokens=max_new_tokens, mode=mode, k=k,
-                       temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed, tree=tree)
+                       temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed, tree=tree,
+                       static=static)
         s = out.stats
         if as_json:
             print(json.dumps({"text": out.text, "new_tokens": s.new_tokens, "forward_passes": s.forward_passes,
                               "tokens_per_pass": round(s.tokens_per_pass, 4), "seconds": round(s.seconds, 4),
                               "tokens_per_second": round(s.tokens_per_second, 2), "mode": mode,
-                              "k": resolve_k(mtp, mode, k) or None, "tree": tree,
+                              "k": resolve_k(mtp, mode, k) or None, "tree": tree, "static": static,
                               "finish_reason": s.finish_reason,
                               "accepted_histogram": s.accepted_histogram}))
         else:

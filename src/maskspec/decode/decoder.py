@@ -35,6 +35,7 @@ from transformers import DynamicCache
 
 from maskspec.decode import kv
 from maskspec.decode.drafters import DraftContext, Drafter, DraftProposal, DraftRequest, SamplerChain, TreeDrafter
+from maskspec.decode.static import StaticStep, check_static, engine_for
 from maskspec.decode.steps import block_heads, drafts_within_budget, layout_parents, resolve_k, resolve_tree
 from maskspec.decode.stopping import FinishReason, Stopping, context_length, plan_budget
 from maskspec.decode.types import GenerationStats
@@ -95,14 +96,26 @@ class Decoder:
     """Decodes one or many sequences together: `add` queues a sequence, `step` runs one pass over the running
     sequences (plus one prefill pass over newcomers) and reports what each gained. `drafter` proposes the drafts
     (default: the sampler chain; with `tree` > 0, draft trees of up to that many nodes, `TreeDrafter`). tree None:
-    the size the adapter's config recommends for this device, if k is not given either (`steps.resolve_tree`)."""
+    the size the adapter's config recommends for this device, if k is not given either (`steps.resolve_tree`).
+
+    `static`: decode with the static step (`decode.static`: fixed shapes, one host sync per step, a CUDA graph on
+    a GPU), for greedy chains in modes ar and quadratic. It decodes one sequence at a time: the others wait in
+    the queue, in order."""
 
     def __init__(self, mtp: "MTPModel", mode: str = "quadratic", k: int | None = None,
-                 drafter: Drafter | None = None, tree: int | None = None, tree_width: int = 2) -> None:
+                 drafter: Drafter | None = None, tree: int | None = None, tree_width: int = 2,
+                 static: bool = False) -> None:
         self.mtp = mtp
         self.mode = mode
         self.k = resolve_k(mtp, mode, k)
+        self.static = static
+        if static:  # one greedy chain at a time, fixed shapes (`decode.static`)
+            check_static(mode, tree)
+            if drafter is not None:
+                raise UsageError("the static step drafts with the sampler chain itself: pass no drafter")
+            tree = 0
         self.tree = resolve_tree(mtp, mode, k, tree)
+        self._engine: StaticStep | None = None
         if drafter is None:
             drafter = TreeDrafter(mtp, self.tree, tree_width) if self.tree else SamplerChain(mtp)
         self.drafter: Drafter = drafter
@@ -126,6 +139,8 @@ class Decoder:
         if stop and not detokenize:
             raise UsageError("stop strings need the text: leave detokenize on")
         sampling = sampling or SamplingConfig()
+        if self.static:
+            check_static(self.mode, self.tree, sampling.greedy)
         generator = new_generator(sampling, seed, self.mtp.device)
         eos = frozenset(self.mtp.eos_token_ids if eos_token_ids is None else eos_token_ids)
         budget = plan_budget(len(prompt_ids), int(max_new_tokens), self.context_length)
@@ -176,6 +191,8 @@ class Decoder:
         if not self._sessions:
             with self.session():
                 return self.step()
+        if self.static:
+            return self._static_round()
         events: list[StepEvent] = []
         self._drop_finished()
         if self.running:
@@ -274,6 +291,42 @@ class Decoder:
                 self._close_stats(s)
         return events
 
+    def _static_round(self) -> list[StepEvent]:
+        """The static step's turn: a step of the one running sequence, or else the prefill of the next one."""
+        self._drop_finished()
+        if self.running:
+            s = self.running[0]
+            result = self._isolated(s, self._engine.step)
+            if result is None:
+                events = [StepEvent(s, [], "", True)]
+            else:
+                accepted, tokens = result
+                s.stats.forward_passes += 1
+                s.stats.accepted_histogram[accepted] += 1
+                kept, text = self._emit(s, tokens)
+                events = [StepEvent(s, kept, text, s.finished)]
+        elif self.pending:
+            s = self.pending.pop(0)
+            start = time.perf_counter()
+            first = self._isolated(s, self._static_prefill, s)
+            kept, text = self._emit(s, [first]) if first is not None else ([], "")
+            s.stats.forward_passes = 1
+            s.stats.prefill_seconds = time.perf_counter() - start
+            s.cache_len = len(s.prompt_ids)
+            self.running = [s]
+            events = [StepEvent(s, kept, text, s.finished)]
+        else:
+            return []
+        s = events[0].sequence
+        if s.finished:
+            self._close_stats(s)
+        self._drop_finished()
+        return events
+
+    def _static_prefill(self, s: DecodingSequence) -> int:
+        self._engine = engine_for(self.mtp, self.k, len(s.prompt_ids), s.max_new_tokens, self)
+        return self._engine.prefill(s.prompt_ids)
+
     def _emit(self, s: DecodingSequence, tokens: list[int]) -> tuple[list[int], str]:
         """Record verified tokens under the stop rules; the tokens kept and the text they add."""
         kept, text, reason = s.stopping.accept(tokens)
@@ -369,6 +422,7 @@ class Decoder:
         self.running = [self.running[b] for b in keep]
         if not keep:
             self.cache = None
+            self._engine = None  # the static engine goes back to the pool
             return
         self.cache = kv.select(self.cache, keep, max(s.cache_len for s in self.running))
 

@@ -21,6 +21,9 @@ from maskspec.model.kernels import Kernels, PackCache, PackSource, linear
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+FIND_SPAN = object()  # `GateState.active`: find the span of the rows from the rows themselves
+
+
 class GateState:
     """Flat (batch * sequence) indices of the rows where LoRA is on, for the duration of one call.
     `span` is (start, stop) when those rows are contiguous (a decoding step puts every mask row last), so
@@ -36,9 +39,13 @@ class GateState:
         self.packs = packs
 
     @contextmanager
-    def active(self, rows: torch.Tensor | None, kernel: Kernels = Kernels.STOCK) -> Iterator[None]:
+    def active(self, rows: torch.Tensor | None, kernel: Kernels = Kernels.STOCK,
+               span: tuple[int, int] | None | object = FIND_SPAN) -> Iterator[None]:
+        """LoRA on `rows` inside the block. `span`: the rows' (start, stop) when the caller knows it (None: not
+        contiguous); by default it is found from `rows`, which reads them on the host (a sync on a GPU)."""
         previous = (self.rows, self.span, self.kernel)
-        self.rows, self.span, self.kernel = rows, _contiguous_span(rows), kernel
+        self.rows, self.kernel = rows, kernel
+        self.span = _contiguous_span(rows) if span is FIND_SPAN else span
         try:
             yield
         finally:

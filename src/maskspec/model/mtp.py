@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from maskspec.adapter import load_adapter, read_adapter_config, resolve_adapter, save_adapter, shipped_adapter_for
 from maskspec.hub import load_model_and_tokenizer
-from maskspec.model.gated_lora import DEFAULT_TARGET_MODULES, GatedLoRALinear, GateState, inject_gated_lora
+from maskspec.model.gated_lora import (DEFAULT_TARGET_MODULES, FIND_SPAN, GatedLoRALinear, GateState,
+                                       inject_gated_lora)
 from maskspec.model.kernels import Kernels, PackCache, PackSource, linear
 from maskspec.model.layout import Layout, apply_sliding_window
 from maskspec.model.sampler import SamplerHead
@@ -56,7 +57,7 @@ class StepOutput:
     """Result of one forward pass over a layout."""
 
     hidden: torch.Tensor  # (batch, rows, d): last-layer latents after the final norm
-    past_key_values: DynamicCache | None
+    past_key_values: Cache | None
 
 
 class MTPModel(nn.Module):
@@ -188,19 +189,25 @@ class MTPModel(nn.Module):
 
     def forward_rows(self, token_ids: torch.Tensor, mask_slot: torch.Tensor, position_ids: torch.Tensor,
                      attention: torch.Tensor, key_positions: torch.Tensor,
-                     past_key_values: DynamicCache | None = None, use_cache: bool = False,
-                     keep_gate_for_backward: bool = False) -> StepOutput:
+                     past_key_values: Cache | None = None, use_cache: bool = False,
+                     keep_gate_for_backward: bool = False,
+                     mask_rows: tuple[torch.Tensor, tuple[int, int] | None] | None = None) -> StepOutput:
         """One pass over rows given as batched tensors: token_ids, mask_slot, position_ids (B, R); attention
         (B, R, past + R) bool; key_positions (B, past + R). Returns last-layer latents (after the final norm).
 
         With `keep_gate_for_backward` the caller owns the gate (`with mtp.gate.active(rows)` around forward and
-        backward), which gradient checkpointing needs because it re-runs the forward during backward."""
+        backward), which gradient checkpointing needs because it re-runs the forward during backward.
+        `mask_rows`: (the flat indices of the mask rows, their (start, stop) span or None) when the caller knows
+        them (a fixed layout); else they are found from mask_slot, which reads it on the host."""
         embeds = self.embed_rows(token_ids, mask_slot)
-        mask_rows = torch.nonzero((mask_slot >= 0).reshape(-1), as_tuple=False).squeeze(-1)
+        if mask_rows is None:
+            rows = torch.nonzero((mask_slot >= 0).reshape(-1), as_tuple=False).squeeze(-1)
+            mask_rows = (rows, FIND_SPAN)
         masks = self.model_attention_mask(attention, position_ids, key_positions, embeds.dtype)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()  # no config: full layers everywhere, windows come from our mask
-        gate_ctx = nullcontext() if keep_gate_for_backward else self.gate.active(mask_rows, self._pass_kernel())
+        gate_ctx = (nullcontext() if keep_gate_for_backward
+                    else self.gate.active(mask_rows[0], self._pass_kernel(), span=mask_rows[1]))
         with gate_ctx:
             out = self.model.get_decoder()(
                 inputs_embeds=embeds, position_ids=position_ids, attention_mask=masks,

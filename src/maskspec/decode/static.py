@@ -1,0 +1,335 @@
+"""The static decoding step: fixed shapes, state on the device, one host read per step; a CUDA graph on a GPU.
+
+The decoder's usual step (`decoder.Decoder`) builds each step's layout on the host, verifies with Python lists
+and grows the KV cache by concatenation: right for any batch, tree and sampling rule, but on a GPU a step of a
+small model is then bound by the host (kernel launches, `.tolist()` syncs). `StaticStep` is the same step for
+one greedy sequence drafting chains (modes "ar" and "quadratic"), written so that nothing in it depends on
+values read back:
+
+- the rows are fixed per k: [y0, d1..dk] and a block of k masks after each of them, (k + 1)^2 rows
+  (`model.layout`, normals first); mode "ar" is the one row y0;
+- the KV storage is preallocated (`StepCache`, `capacity` positions); a step writes its rows at
+  [length, length + rows), and since the verified tokens are the step's first rows (normals first, a chain),
+  keeping them is only `length += accepted + 1`; the rest is overwritten by the next step;
+- the attention mask and the positions are built on the device from `length`, a device scalar;
+- verification (the base head's argmax over the normal rows, compared with the drafts) and the next drafts
+  (the sampler chain from the block after the last accepted token) run on the device too;
+- the step ends by writing [accepted, emitted tokens] into one small buffer: its `.tolist()` is the step's only
+  host sync. The stop rules (EOS, budget, stop strings) then run on the host as for every step.
+
+On CUDA the step is captured once as a CUDA graph and replayed (a failed capture falls back to running it
+eagerly, with a warning); elsewhere it runs eagerly, the same code, which is what the CPU tests check against
+the usual step. Greedy output is the base model's, like every mode. Drafts may differ from the usual step's
+only with a draft vocabulary: the static step drafts over the vocabulary alone, not over each sequence's
+context tokens too (a dynamic shape), which can only lower tau.
+
+Costs and limits: attention always spans `capacity` keys (masked past `length`), which a GPU does not notice
+for a small model but a CPU does; `capacity` is the prompt plus the budget plus one step, rounded up to
+`CAPACITY_STEP`, and an engine is reused by later sequences that fit (`engine_for`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin
+
+from maskspec.errors import UsageError
+from maskspec.model.layout import Layout, build_layout
+
+if TYPE_CHECKING:
+    from maskspec.model.mtp import MTPModel
+
+STATIC_MODES = ("ar", "quadratic")
+CAPACITY_STEP = 256  # engines are sized in multiples of this many positions, so later prompts reuse them
+GRAPH_WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS/SDPA workspaces, lazy inits)
+
+
+def check_static(mode: str, tree: int | None, greedy: bool = True) -> None:
+    """UsageError unless the static step can run this decoding: greedy, modes ar and quadratic, chains only."""
+    if not greedy:
+        raise UsageError("the static step decodes greedily: use temperature 0, or leave the static step off")
+    if mode not in STATIC_MODES:
+        raise UsageError(f"the static step runs modes {' and '.join(STATIC_MODES)}, got mode {mode!r}")
+    if tree:
+        raise UsageError("the static step drafts chains: pass tree 0, or leave the static step off for trees")
+
+
+class _StepLayer(CacheLayerMixin):
+    """One layer's preallocated keys and values, (1, heads, capacity, d), written at the owner's positions."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, owner: "StepCache") -> None:
+        super().__init__()
+        self._owner = weakref.proxy(owner)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        capacity = self._owner.capacity
+        self.keys = key_states.new_zeros(*key_states.shape[:2], capacity, key_states.shape[-1])
+        self.values = value_states.new_zeros(*value_states.shape[:2], capacity, value_states.shape[-1])
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        positions = self._owner.write_positions
+        self.keys.index_copy_(2, positions, key_states)
+        self.values.index_copy_(2, positions, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._owner.capacity, 0
+
+    def get_seq_length(self) -> int:
+        return self._owner.capacity
+
+    def get_max_length(self) -> int:
+        return self._owner.capacity
+
+
+class StepCache(Cache):
+    """KV storage of `capacity` positions per layer, allocated at the first pass. Each pass writes its rows at
+    `write_positions` (set by the caller before the pass, a device tensor); every layer returns its whole
+    storage, and the attention mask says which positions hold valid keys."""
+
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        self.capacity = capacity
+        self.write_positions: torch.Tensor | None = None
+        super().__init__(layers=[_StepLayer(self) for _ in range(num_layers)])
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A pass's fixed rows, on the device: which step token each row reads (normal_index), mask_slot, positions
+    relative to the first row's, the attention among the rows (rows, rows) and the gate's rows and span."""
+
+    normal_index: torch.Tensor
+    mask_slot: torch.Tensor
+    offsets: torch.Tensor
+    attention: torch.Tensor
+    gate_rows: torch.Tensor
+    gate_span: tuple[int, int] | None
+
+    @property
+    def count(self) -> int:
+        return int(self.mask_slot.numel())
+
+    @classmethod
+    def of_layout(cls, layout: Layout) -> "_Rows":
+        gate_rows = layout.mask_rows()
+        span = (int(gate_rows[0]), int(gate_rows[-1]) + 1) if gate_rows.numel() else None
+        if span is not None and span[1] - span[0] != gate_rows.numel():
+            span = None
+        return cls(layout.normal_index.clamp(min=0), layout.mask_slot, layout.position_ids - layout.past_length,
+                   layout.attention[:, layout.past_length:], gate_rows, span)
+
+    @classmethod
+    def causal(cls, count: int, device: torch.device) -> "_Rows":
+        """`count` normal tokens in a chain, no masks (mode ar)."""
+        index = torch.arange(count, device=device)
+        return cls(index, torch.full((count,), -1, dtype=torch.long, device=device), index,
+                   torch.ones(count, count, dtype=torch.bool, device=device).tril(),
+                   index.new_empty(0), None)
+
+
+class StaticStep:
+    """The static step of one greedy sequence with k drafts (0: mode ar) in KV storage of `capacity` positions.
+    `prefill(prompt)` starts a sequence (eagerly; returns the first token), then each `step()` returns
+    (drafts accepted, the tokens it adds: those drafts and the token after them)."""
+
+    def __init__(self, mtp: "MTPModel", k: int, capacity: int) -> None:
+        if not 0 <= k <= mtp.k:
+            raise UsageError(f"k must be in 0..{mtp.k} (the adapter's k), got {k}")
+        self.mtp, self.k, self.capacity = mtp, k, capacity
+        device = mtp.device
+        self.cache = StepCache(mtp.model.config.get_text_config().num_hidden_layers, capacity)
+        self.length = torch.zeros((), dtype=torch.long, device=device)  # valid KV entries
+        self.tokens = torch.zeros(k + 1, dtype=torch.long, device=device)  # [y0, d1..dk]
+        self.out = torch.zeros(k + 2, dtype=torch.long, device=device)  # [accepted, emitted tokens...]
+        self._columns = torch.arange(capacity, device=device)
+        self._slots = torch.arange(k + 1, device=device)
+        if k:
+            layout = build_layout(k + 1, range(k + 1), k, normals_first=True, device=device)
+            self._rows = _Rows.of_layout(layout)
+            self._blocks = torch.stack([layout.block_rows(h) for h in range(k + 1)])  # (k + 1, k): rows of block h
+        else:
+            self._rows = _Rows.causal(1, device)
+        self.rows = self._rows.count
+        self._graph: Any = None
+        self.use_graph = device.type == "cuda"
+        self.graph_error: str | None = None  # why capture failed (then the step runs eagerly)
+        self.fingerprint = model_fingerprint(mtp)
+        self._user: weakref.ref | None = None
+
+    @property
+    def in_use(self) -> bool:
+        """Whether a live decoder holds this engine (its `_engine` is this one): its state is that decoder's."""
+        user = self._user() if self._user is not None else None
+        return user is not None and getattr(user, "_engine", None) is self
+
+    def lend(self, user: Any) -> None:
+        self._user = weakref.ref(user)
+
+    # ------------------------------------------------------------------ public
+    def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
+        return needed_capacity(self.k, prompt_tokens, max_new_tokens) <= self.capacity
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: Sequence[int]) -> int:
+        """Start a sequence: one eager pass over the prompt (and a mask block after its last token); returns the
+        first new token. The state (y0, drafts, length) is then set for `step`."""
+        count = len(prompt_ids)
+        if count + self.k + self.rows > self.capacity:
+            raise UsageError(f"a prompt of {count} tokens does not fit this engine's {self.capacity} positions")
+        device = self.mtp.device
+        if self.k:
+            layout = build_layout(count, [count - 1], self.k, normals_first=True, device=device)
+            rows = _Rows.of_layout(layout)
+        else:
+            rows = _Rows.causal(count, device)
+        ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
+        self.length.zero_()
+        hidden = self._pass(rows, ids[rows.normal_index])
+        first = self.mtp.head_logits(hidden[count - 1:count]).argmax(dim=-1)  # (1,)
+        self.tokens[:1] = first
+        if self.k:
+            self.tokens[1:] = self._draft(hidden.index_select(0, layout.block_rows(count - 1)), first)
+        self.length.fill_(count)
+        return int(first)
+
+    @torch.inference_mode()
+    def step(self) -> tuple[int, list[int]]:
+        """One decoding step: (drafts accepted, [those drafts..., the token after them])."""
+        if self._graph is not None:
+            self._graph.replay()
+        elif self.use_graph and self._capture():
+            self._graph.replay()
+        else:
+            self._compute()
+        values = self.out.tolist()  # the step's one host sync
+        accepted = values[0]
+        return accepted, values[1:accepted + 2]
+
+    # ------------------------------------------------------------------ the step, on the device
+    def _compute(self) -> None:
+        """Everything a step does, without reading a value back: forward, verification, next drafts, state."""
+        k = self.k
+        hidden = self._pass(self._rows, self.tokens[self._rows.normal_index])
+        argmax = self.mtp.head_logits(hidden[:k + 1]).argmax(dim=-1)  # (k + 1,): greedy token after each row
+        if not k:
+            self.out[1:].copy_(argmax)
+            self.tokens.copy_(argmax)
+            self.length.add_(1)
+            return
+        drafts = self.tokens[1:]
+        accepted = (drafts == argmax[:k]).long().cumprod(dim=0).sum(dim=0, keepdim=True)  # (1,)
+        bonus = argmax.gather(0, accepted)  # (1,)
+        latents = hidden.index_select(0, self._blocks.index_select(0, accepted)[0])  # the block after it
+        new_drafts = self._draft(latents, bonus)
+        padded = torch.cat([drafts, drafts[-1:]])
+        self.out[:1].copy_(accepted)
+        self.out[1:].copy_(torch.where(self._slots < accepted, padded, bonus))
+        self.tokens.copy_(torch.cat([bonus, new_drafts]))
+        self.length.add_(accepted[0] + 1)
+
+    def _pass(self, rows: _Rows, token_ids: torch.Tensor) -> torch.Tensor:
+        """One forward pass of `rows` written at [length, length + rows): hidden states (rows, d)."""
+        count = rows.count
+        past = self._columns < self.length
+        relative = self._columns - self.length
+        in_step = (relative >= 0) & (relative < count)
+        index = relative.clamp(0, count - 1)
+        attention = past[None, :] | (rows.attention[:, index] & in_step[None, :])  # (rows, capacity)
+        positions = self.length + rows.offsets
+        key_positions = torch.where(past, self._columns, self.length + rows.offsets[index])
+        self.cache.write_positions = self.length + self._columns[:count]
+        out = self.mtp.forward_rows(token_ids[None], rows.mask_slot[None], positions[None], attention[None],
+                                    key_positions[None], past_key_values=self.cache, use_cache=True,
+                                    mask_rows=(rows.gate_rows, rows.gate_span))
+        return out.hidden[0]
+
+    def _draft(self, latents: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """The greedy sampler chain over one block's latents (k, d) after token `prev` (1,): the k drafts."""
+        drafts = []
+        for j in range(latents.shape[0]):
+            logits, ids = self.mtp.draft_logits(prev, latents[j:j + 1])
+            column = logits.argmax(dim=-1)
+            prev = column if ids is None else ids.index_select(0, column)
+            drafts.append(prev)
+        return torch.cat(drafts)
+
+    # ------------------------------------------------------------------ CUDA graph
+    def _capture(self) -> bool:
+        """Capture `_compute` as a CUDA graph (after warm-up runs on a side stream); the state is restored after
+        each run, so the real step is still to come. False, with a warning, if capture fails."""
+        saved = (self.length.clone(), self.tokens.clone())
+
+        def restore() -> None:
+            self.length.copy_(saved[0])
+            self.tokens.copy_(saved[1])
+
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP_RUNS):
+                    self._compute()
+                    restore()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._compute()
+            restore()
+            self._graph = graph
+            return True
+        except Exception as exc:  # the step still runs, eagerly
+            torch.cuda.synchronize()
+            restore()
+            self.use_graph = False
+            self.graph_error = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"the static step could not be captured as a CUDA graph ({self.graph_error}); it runs "
+                          "eagerly", RuntimeWarning, stacklevel=3)
+            return False
+
+
+def needed_capacity(k: int, prompt_tokens: int, max_new_tokens: int) -> int:
+    """KV positions a sequence needs: its prompt and budget, plus one step's rows (or the prefill's mask block),
+    rounded up to a multiple of CAPACITY_STEP."""
+    rows = (k + 1) ** 2 if k else 1
+    need = prompt_tokens + max_new_tokens + max(rows, k + 1)
+    return -(-need // CAPACITY_STEP) * CAPACITY_STEP
+
+
+def model_fingerprint(mtp: "MTPModel") -> tuple:
+    """Changes when any parameter or buffer of the model is replaced (a new adapter, `.to()`): a captured graph
+    holds their addresses. In-place updates keep it, and a graph replayed after them reads the new values."""
+    return (mtp.device, mtp.dtype, tuple(t.data_ptr() for t in itertools.chain(mtp.parameters(), mtp.buffers())))
+
+
+_ENGINES: "weakref.WeakKeyDictionary[Any, list[StaticStep]]" = weakref.WeakKeyDictionary()
+
+
+def engine_for(mtp: "MTPModel", k: int, prompt_tokens: int, max_new_tokens: int, user: Any) -> StaticStep:
+    """A static engine of the model for k that fits this sequence, lent to `user` (a decoder) until its
+    `_engine` no longer names it: an idle one kept from earlier sequences (its graph already captured) when one
+    fits and the model is unchanged, else a new one. Engines that idle and no longer match are dropped."""
+    fingerprint = model_fingerprint(mtp)
+    kept = [e for e in _ENGINES.setdefault(mtp, []) if e.in_use or e.fingerprint == fingerprint]
+    engine = next((e for e in kept if e.k == k and not e.in_use and e.fits(prompt_tokens, max_new_tokens)), None)
+    if engine is None:
+        kept = [e for e in kept if e.in_use or e.k != k]  # an idle engine too small for k: its memory back
+        engine = StaticStep(mtp, k, needed_capacity(k, prompt_tokens, max_new_tokens))
+        kept.append(engine)
+    _ENGINES[mtp] = kept
+    engine.lend(user)
+    return engine

@@ -1,0 +1,191 @@
+"""The static step (decode/static.py): the same greedy output as the usual step and as plain HF greedy, on every
+tiny architecture; no host sync inside a step; engines reused but never shared by two live decoders; the stop
+rules; usage errors; and, on a GPU, the CUDA graph."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import decode_alone, hf_greedy_tokens, make_prompts, make_tiny_mtp
+from maskspec.decode import static
+from maskspec.decode.api import generate
+from maskspec.decode.decoder import Decoder
+from maskspec.decode.drafters import SamplerChain
+from maskspec.decode.static import StaticStep, engine_for, needed_capacity
+from maskspec.decode.verify import SamplingConfig
+from maskspec.errors import UsageError
+from maskspec.testing import TINY_ARCHITECTURES
+
+
+def decode_static(mtp, prompt, mode, k, max_new, eos=None):
+    decoder = Decoder(mtp, mode=mode, k=k, static=True)
+    seq = decoder.add(prompt, max_new, eos_token_ids=eos)
+    with decoder.session():
+        while decoder.has_work():
+            decoder.step()
+    return seq
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_static_step_equals_the_usual_step_and_hf_greedy(arch):
+    """Every tiny architecture (sliding windows, per-layer-type masks, soft-capping included), modes ar and
+    quadratic at several k: the tokens of plain HF greedy, and the usual step's forward passes (same drafts)."""
+    mtp = make_tiny_mtp(arch, k=4, seed=3)
+    for i, prompt in enumerate(make_prompts(4, seed=11)):
+        expected = hf_greedy_tokens(mtp.model, prompt, 24)
+        for mode, k in (("ar", None), ("quadratic", 1), ("quadratic", 2), ("quadratic", 4)):
+            usual, _ = decode_alone(mtp, prompt, mode, k, 24, eos=[2])
+            fixed = decode_static(mtp, prompt, mode, k, 24, eos=[2])
+            assert fixed.output == expected, (arch, i, mode, k)
+            assert fixed.stats.forward_passes == usual.stats.forward_passes, (arch, i, mode, k)
+            assert fixed.finish_reason == usual.finish_reason
+
+
+def test_static_step_runs_long_sequences_past_the_step_rows():
+    """A budget many times the step's rows: the KV storage is written and reused correctly all the way."""
+    mtp = make_tiny_mtp("llama", k=3, seed=5)
+    prompt = make_prompts(1, seed=2, max_len=30)[0]
+    expected = hf_greedy_tokens(mtp.model, prompt, 200)
+    assert decode_static(mtp, prompt, "quadratic", 3, 200).output == expected
+
+
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+               "is_nonzero", "equal", "item"}
+
+
+class _RefuseSyncs(TorchDispatchMode):
+    """Fails on any op that reads a tensor's value back to the host or has a value-dependent shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        self.seen.add(name)
+        if name in SYNCING_OPS:
+            raise AssertionError(f"the static step reads a value back: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch,k", [("llama", 3), ("gemma3", 2), ("mistral", 0)])
+def test_a_step_reads_nothing_back_until_its_one_sync(arch, k):
+    """Everything a step computes (forward, verification, next drafts, state) runs without a value read back,
+    so on a GPU it can be captured as one graph; the op list proves the forward really ran under the check."""
+    mtp = make_tiny_mtp(arch, k=max(k, 1), seed=1)
+    engine = StaticStep(mtp, k, needed_capacity(k, 8, 16))
+    engine.prefill(make_prompts(1, seed=9, max_len=8)[0])
+    check = _RefuseSyncs()
+    with torch.inference_mode(), check:
+        engine._compute()
+    assert {"scaled_dot_product_attention", "argmax", "index_copy_"} <= check.seen
+
+
+def test_a_syncing_step_fails_the_check(monkeypatch):
+    """The check above has teeth: a step that reads the accepted count back is caught."""
+    mtp = make_tiny_mtp("llama", k=2, seed=1)
+    engine = StaticStep(mtp, 2, needed_capacity(2, 8, 16))
+    engine.prefill([5, 6, 7])
+    compute = StaticStep._compute
+
+    def with_a_sync(self):
+        compute(self)
+        int(self.length)
+
+    monkeypatch.setattr(StaticStep, "_compute", with_a_sync)
+    with torch.inference_mode(), _RefuseSyncs(), pytest.raises(AssertionError, match="reads a value back"):
+        engine._compute()
+
+
+def test_engines_are_reused_and_never_shared_by_live_decoders():
+    mtp = make_tiny_mtp("llama", k=2, seed=2)
+    prompts = make_prompts(2, seed=6)
+    expected = [hf_greedy_tokens(mtp.model, p, 30) for p in prompts]
+    # Two decoders stepped in turn: each has its own engine, both exact.
+    decoders = [Decoder(mtp, k=2, static=True) for _ in prompts]
+    seqs = [d.add(p, 30) for d, p in zip(decoders, prompts)]
+    while any(d.has_work() for d in decoders):
+        for d in decoders:
+            if d.has_work():
+                d.step()
+    assert [s.output for s in seqs] == expected
+    # Both are idle now: a later sequence that fits takes one of them (no new storage).
+    pool = list(static._ENGINES[mtp])
+    assert len(pool) == 2 and not any(e.in_use for e in pool)
+    again = engine_for(mtp, 2, len(prompts[0]), 30, user=decoders[0])
+    assert any(again is e for e in pool)
+    # One too big for them gets a new engine; the idle one of the same k it replaces is dropped.
+    decoders[0]._engine = None
+    bigger = engine_for(mtp, 2, 10, static.CAPACITY_STEP * 2, user=decoders[1])
+    assert all(bigger is not e for e in pool) and bigger.capacity >= static.CAPACITY_STEP * 2
+    # A decoder queues several sequences and decodes them one after another, each exact.
+    decoder = Decoder(mtp, k=2, static=True)
+    done = decoder.generate([dict(prompt_ids=p, max_new_tokens=30) for p in prompts])
+    assert [s.output for s in done] == expected
+
+
+def test_new_weights_get_a_new_engine():
+    mtp = make_tiny_mtp("llama", k=2, seed=2)
+    prompt = make_prompts(1, seed=3)[0]
+    decode_static(mtp, prompt, "quadratic", 2, 10)
+    first = static._ENGINES[mtp][0]
+    with torch.no_grad():
+        mtp.sampler.fc1.weight = torch.nn.Parameter(mtp.sampler.fc1.weight.clone())  # a new tensor
+    decode_static(mtp, prompt, "quadratic", 2, 10)
+    assert all(e is not first for e in static._ENGINES[mtp])
+
+
+def test_stop_rules_apply_to_the_static_step():
+    mtp = make_tiny_mtp("llama", k=3, seed=4)
+    prompt = make_prompts(1, seed=8)[0]
+    expected = hf_greedy_tokens(mtp.model, prompt, 30)
+    for budget in (1, 2, 5, 13):
+        seq = decode_static(mtp, prompt, "quadratic", 3, budget)
+        assert seq.output == expected[:budget] and seq.finish_reason == "length"
+    # An EOS among the accepted drafts ends the output there (kept, as HF keeps it).
+    eos = expected[6]
+    seq = decode_static(mtp, prompt, "quadratic", 3, 30, eos=[eos])
+    assert seq.output == expected[:expected.index(eos) + 1] and seq.finish_reason == "eos"
+
+
+def test_static_usage_errors():
+    mtp = make_tiny_mtp("llama", k=2)
+    with pytest.raises(UsageError, match="greedily"):
+        Decoder(mtp, k=2, static=True).add([5, 6], 4, sampling=SamplingConfig(temperature=0.7))
+    with pytest.raises(UsageError, match="modes ar and quadratic"):
+        Decoder(mtp, mode="linear", k=2, static=True)
+    with pytest.raises(UsageError, match="chains"):
+        Decoder(mtp, k=2, tree=4, static=True)
+    with pytest.raises(UsageError, match="drafter"):
+        Decoder(mtp, k=2, static=True, drafter=SamplerChain(mtp))
+    with pytest.raises(UsageError, match="k must be in"):
+        StaticStep(mtp, 3, 256)
+
+
+@pytest.mark.slow
+def test_static_generate_on_the_embedded_model(smollm):
+    """The shipped adapter on the real model (fp32): the static step gives generate's tokens and tau, and the
+    stop strings still cut the text."""
+    from maskspec.model.mtp import MTPModel
+
+    mtp = MTPModel.from_pretrained("default", adapter="default")
+    prompt = "List three prime numbers and explain why each is prime."
+    usual = generate(mtp, prompt, max_new_tokens=48, k=4, tree=0)
+    fixed = generate(mtp, prompt, max_new_tokens=48, k=4, static=True)
+    assert fixed.new_token_ids == usual.new_token_ids
+    assert fixed.stats.forward_passes == usual.stats.forward_passes
+    cut = generate(mtp, prompt, max_new_tokens=48, k=4, static=True, stop=[usual.text[10:14]])
+    assert cut.text == usual.text[:usual.text.index(usual.text[10:14])]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_step_equals_eager(dtype):
+    """On a GPU the step is captured once and replayed: the same tokens as the usual step, no capture error."""
+    mtp = make_tiny_mtp("llama", k=3, seed=3, dtype=dtype).to("cuda")
+    for prompt in make_prompts(3, seed=12):
+        usual, _ = decode_alone(mtp, prompt, "quadratic", 3, 40)
+        fixed = decode_static(mtp, prompt, "quadratic", 3, 40)
+        assert fixed.output == usual.output
+    engine = static._ENGINES[mtp][0]
+    assert engine._graph is not None and engine.graph_error is None
