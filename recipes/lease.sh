@@ -12,8 +12,10 @@
 #   throughput  training rows/s and held-out accuracy, THROUGHPUT_SECONDS (90) each from the committed adapter:
 #               dense attention (sdpa, interleaved layout) against FlexAttention (block-sparse, normals first),
 #               with and without --max-blocks; median rows/s from metrics.jsonl
-#   decoding    `maskspec bench --device cuda` (HF greedy, HF prompt lookup, ar, quadratic chains and trees; bf16
-#               and fp32), then ms per pass against rows for a Llama-3-8B-shaped model with random weights
+#   decoding    `maskspec bench --device cuda --static` (HF greedy, HF static cache + compile, HF prompt lookup, ar,
+#               quadratic chains with the usual and the static step, trees; bf16), ms per pass and per static step
+#               against rows for a Llama-3-8B-shaped model with random weights, a profile of one step (usual vs
+#               static), and the server's throughput at 1-64 clients, quadratic vs ar
 # Everything lands in $OUT, packed at the end into results.tgz.part-NN (at most 8 files of 16 MiB come back;
 # checkpoints are deleted). A CPU rehearsal of the same steps, with the parts unpacked by hand:
 #
@@ -114,16 +116,26 @@ for run in sorted(Path(sys.argv[1]).glob("rows-*")):
 PY
     ;;
   decoding)
-    log "step costs of a Llama-3-8B-shaped model"
-    $PY scripts/step_cost_model.py --shape "${STEP_SHAPE:-llama3-8b}" --device "$DEVICE" --dtype bf16 --out "$OUT/step-costs-8b" \
-      > "$OUT/step-costs-8b.log" 2>&1 || log "step costs failed"
-    for dtype in ${BENCH_DTYPES:-bf16 fp32}; do
-      log "bench $dtype"
-      $MASKSPEC bench --suite "$STAGE/dev.jsonl" --n "$BENCH_N" --device "$DEVICE" --dtype "$dtype" \
-        --k "${BENCH_K:-2,4,8}" --tree "${BENCH_TREE:-0,16}" --modes ar,quadratic --max-new-tokens 128 \
-        --out "$OUT/bench-$dtype" \
-        > "$OUT/bench-$dtype.log" 2>&1 || log "bench $dtype failed"
+    # Sized for one call: each part has its own time limit (the bench first: its results are the targets).
+    for dtype in ${BENCH_DTYPES:-bf16}; do
+      log "bench $dtype (usual and static steps, HF eager, static cache + compile, prompt lookup)"
+      # --time-limit stops between prompts (results for those done); the outer timeout is only a guard.
+      timeout $(( ${BENCH_LIMIT:-250} + 60 )) $MASKSPEC bench --suite "$STAGE/dev.jsonl" --n "${BENCH_N_DECODING:-2}" \
+        --time-limit "${BENCH_LIMIT:-250}" \
+        --device "$DEVICE" --dtype "$dtype" --k "${BENCH_K:-4,8}" --tree "${BENCH_TREE:-0,16}" --modes ar,quadratic \
+        --static --baselines hf,hf-prompt-lookup,hf-static --max-new-tokens 128 --out "$OUT/bench-$dtype" \
+        > "$OUT/bench-$dtype.log" 2>&1 || log "bench $dtype failed or ran out of time"
     done
+    log "step costs of a Llama-3-8B-shaped model (eager pass and static step)"
+    timeout "${STEP_LIMIT:-90}" $PY scripts/step_cost_model.py --shape "${STEP_SHAPE:-llama3-8b}" --device "$DEVICE" \
+      --dtype bf16 --static --out "$OUT/step-costs-8b" > "$OUT/step-costs-8b.log" 2>&1 || log "step costs failed"
+    log "profile of one step, usual vs static"
+    timeout "${PROFILE_LIMIT:-60}" $PY scripts/profile_step.py --device "$DEVICE" --k 2,4 --steps 20 \
+      --out "$OUT/profile" > "$OUT/profile.log" 2>&1 || log "profile failed"
+    log "server throughput, quadratic vs ar"
+    timeout "${LOADTEST_LIMIT:-80}" $PY -m maskspec.serve.loadtest --device "$DEVICE" --dtype bf16 \
+      --clients "${LOADTEST_CLIENTS:-1,4,16,64}" --modes quadratic,ar --max-tokens 64 --max-batch 64 \
+      --json "$OUT/loadtest.json" > "$OUT/loadtest.log" 2>&1 || log "loadtest failed or ran out of time"
     ;;
   *) log "unknown LEASE_TASK $LEASE_TASK"; exit 2 ;;
 esac

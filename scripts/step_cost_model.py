@@ -3,10 +3,12 @@ quadratic step costs at k = 0, 2, 4, 8 (1, 9, 25, 81 rows; trees add (nodes + 1)
 cache of --past tokens, and from it the speed-up a tau would give (tau x ms(1 row) / ms(rows)).
 
 The pass is maskspec's own (`MTPModel.forward_rows` with a random gated LoRA on every projection), eager, timed
-with CUDA events on a GPU (wall clock on CPU), median of --repeats after --warmup. `--shape llama3-8b` is
+with CUDA events on a GPU (wall clock on CPU), median of --repeats after --warmup. With --static it also times
+the whole static step (`decode.static`: the pass, verification and the k sampler drafts, a CUDA graph on a GPU)
+by the wall clock, its one host sync included. `--shape llama3-8b` is
 Llama-3-8B's config (bf16: 16 GB of weights, for the lent GPU); `--shape tiny` runs anywhere in seconds.
 
-    python scripts/step_cost_model.py --shape llama3-8b --device cuda --dtype bf16 --tau 2.5,5.3 --out DIR
+    python scripts/step_cost_model.py --shape llama3-8b --device cuda --dtype bf16 --tau 2.5,5.3 --static --out DIR
     python scripts/step_cost_model.py --shape tiny --device cpu
 """
 
@@ -79,6 +81,26 @@ def time_pass(mtp, rows_k: int, past: int, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+@torch.inference_mode()
+def time_static_step(mtp, k: int, past: int, repeats: int, warmup: int) -> float:
+    """ms of one whole static step with k drafts (0: mode ar) after a prompt of `past` tokens, wall clock around
+    `StaticStep.step` (graph replay and the read of its result); each step appends its accepted tokens, so the
+    cache grows by a few tokens over the repeats."""
+    from maskspec.decode.static import StaticStep
+
+    engine = StaticStep(mtp, k, past + (warmup + repeats + 2) * (k + 1) + (k + 1) ** 2 + 8)
+    engine.prefill(torch.randint(3, mtp.vocab_size, (past,)).tolist())
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        engine.step()  # ends with its one host read: the step is done
+        if i >= warmup:
+            times.append(1000 * (time.perf_counter() - t0))
+    if engine.graph_error:
+        print(f"static step k={k}: no CUDA graph ({engine.graph_error})")
+    return statistics.median(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -90,6 +112,7 @@ def main() -> None:
                                                     "math figures for an 8B model)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--static", action="store_true", help="also time the whole static step at each k")
     p.add_argument("--out", type=Path, default=None, help="folder for step_costs.json and step_costs.md")
     args = p.parse_args()
     ks = sorted({int(x) for x in args.ks.split(",")})
@@ -103,10 +126,20 @@ def main() -> None:
              "| k | rows | ms per pass | x one row | " + " | ".join(f"speed-up at tau {t}" for t in taus) + " |",
              "|---:|---:|---:|---:|" + "---:|" * len(taus)]
     for k in ks:
-        ratio = ms[k] / base if base else None
+        ratio = f"{ms[k] / base:.2f}" if base else "-"
         cells = [f"{t * base / ms[k]:.2f}" if base and k else "-" for t in taus]
-        lines.append(f"| {k} | {rows[k]} | {ms[k]:.2f} | {ratio:.2f} | " + " | ".join(cells) + " |"
-                     if ratio is not None else f"| {k} | {rows[k]} | {ms[k]:.2f} | - | " + " | ".join(cells) + " |")
+        lines.append(f"| {k} | {rows[k]} | {ms[k]:.2f} | {ratio} | " + " | ".join(cells) + " |")
+    static_ms = {k: time_static_step(mtp, k, args.past, args.repeats, args.warmup) for k in ks} if args.static else {}
+    if static_ms:
+        first = static_ms[ks[0]] if ks[0] == 0 else None
+        lines += ["", "The whole static step (pass, verification, drafts; wall clock, its host sync included), "
+                  "against the static ar step:", "",
+                  "| k | rows | ms per step | x ar step | " + " | ".join(f"speed-up at tau {t}" for t in taus) + " |",
+                  "|---:|---:|---:|---:|" + "---:|" * len(taus)]
+        for k in ks:
+            ratio = f"{static_ms[k] / first:.2f}" if first else "-"
+            cells = [f"{t * first / static_ms[k]:.2f}" if first and k else "-" for t in taus]
+            lines.append(f"| {k} | {rows[k]} | {static_ms[k]:.2f} | {ratio} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out is not None:
@@ -114,7 +147,8 @@ def main() -> None:
         device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
         (args.out / "step_costs.json").write_text(json.dumps(
             {"shape": args.shape, "config": SHAPES[args.shape], "device": device_name, "dtype": args.dtype,
-             "past": args.past, "rows": rows, "ms_per_pass": ms, "torch": torch.__version__}, indent=2) + "\n")
+             "past": args.past, "rows": rows, "ms_per_pass": ms, "static_ms_per_step": static_ms,
+             "torch": torch.__version__}, indent=2) + "\n")
         (args.out / "step_costs.md").write_text(text)
 
 

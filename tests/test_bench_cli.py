@@ -133,6 +133,8 @@ def test_bench_with_the_static_step_and_hf_static_cache(tiny_folders, tmp_path):
     assert result.exit_code == 0, result.output + repr(result.exception)
     payload = json.loads((out / "results.json").read_text())
     assert payload["config"]["static"] is True
+    engines = payload["config"]["static_engines"]  # ar's and k=2's, eager on this CPU
+    assert sorted(e["k"] for e in engines) == [0, 2] and not any(e["cuda_graph"] for e in engines)
     # Static twins of ar and of the chain only (trees have no static step).
     assert payload["config"]["methods"] == ["hf", "hf-static", "ar", "ar static", "quadratic k=2",
                                             "quadratic k=2 static", "quadratic k=2 tree=4"]
@@ -146,6 +148,11 @@ def test_bench_with_the_static_step_and_hf_static_cache(tiny_folders, tmp_path):
     refused = CliRunner().invoke(bench_app(), ["bench", "--model", str(model_dir), "--adapter", str(adapter_dir),
                                                "--static", "--temperature", "0.5", "--out", str(tmp_path / "x")])
     assert refused.exit_code != 0 and "--static decodes greedily" in str(refused.exception)
+    # A time limit that ends before the first prompt (the model load alone takes longer) is a one-line error.
+    late = CliRunner().invoke(bench_app(), ["bench", "--model", str(model_dir), "--adapter", str(adapter_dir),
+                                            "--domains", "math", "--n", "1", "--k", "2", "--baselines", "hf",
+                                            "--time-limit", "0.001", "--no-plots", "--out", str(tmp_path / "y")])
+    assert late.exit_code != 0 and "ended before the first prompt" in str(late.exception)
 
 
 @pytest.mark.slow  # the embedded model's tokenizer
@@ -171,3 +178,29 @@ def test_bench_malformed_suite(tmp_path):
     assert f"{suite}:2:" in str(result.exception)
     result = CliRunner().invoke(bench_app(), ["bench", "--modes", "fast", "--out", str(tmp_path / "o")])
     assert isinstance(result.exception, MaskspecError) and "--modes" in str(result.exception)
+
+
+@pytest.mark.slow  # the embedded model's tokenizer
+def test_bench_deadline_stops_between_prompts(tiny_folders):
+    """No prompt starts after the deadline, and every method has run on each prompt that did."""
+    import time
+
+    from maskspec.bench.runner import BenchRunner, BenchSettings, build_methods
+    from maskspec.bench.suites import load_suite, select_prompts
+    from maskspec.model.mtp import MTPModel
+
+    model_dir, adapter_dir = tiny_folders
+    mtp = MTPModel.from_pretrained(str(model_dir), adapter=str(adapter_dir))
+    methods, _ = build_methods(["ar", "quadratic"], [2], ["hf"], max_k=2)
+    prompts = select_prompts(load_suite(), ["math"], 3)
+    runner = BenchRunner(mtp, BenchSettings(max_new_tokens=4))
+    deadline = time.perf_counter() + 0.5
+
+    def slow_after_first(record):
+        if record.method == methods[-1].method and record.prompt_id == prompts[0].id:
+            time.sleep(max(0.0, deadline - time.perf_counter()) + 0.05)
+
+    records = runner.run(prompts, methods, on_done=slow_after_first, deadline=deadline)
+    assert {r.prompt_id for r in records} == {prompts[0].id}
+    assert len(records) == len(methods)
+    assert len(runner.run(prompts, methods, deadline=time.perf_counter() + 3600)) == 3 * len(methods)

@@ -232,3 +232,14 @@ def test_suite_formats_and_errors(tmp_path):
     dup.write_text(good + "\n" + good + "\n")
     with pytest.raises(MaskspecError, match="more than once"):
         load_suite(dup)
+
+
+def test_domains_take_turns():
+    from maskspec.bench.suites import in_domain_turns
+
+    prompts = select_prompts(load_suite(), None, 2)
+    turns = in_domain_turns(prompts)
+    domains = list(dict.fromkeys(p.domain for p in prompts))
+    assert sorted(p.id for p in turns) == sorted(p.id for p in prompts)
+    assert [p.domain for p in turns[:len(domains)]] == domains  # the first of each domain, then the second
+    assert [p.id for p in turns if p.domain == domains[0]] == [p.id for p in prompts if p.domain == domains[0]]

@@ -275,3 +275,13 @@ def test_cli_serve(files):
         except subprocess.TimeoutExpired:
             proc.kill()
     assert "mode quadratic, k 3" in "".join(output)
+
+
+def test_loadtest_percentiles_interpolate_between_ranks():
+    from maskspec.serve.loadtest import percentile
+
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(values, 0) == 1.0 and percentile(values, 100) == 4.0
+    assert percentile(values, 50) == 2.5
+    assert percentile(values, 99) == pytest.approx(3.97)
+    assert percentile([7.0], 99) == 7.0

@@ -78,11 +78,13 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
               modes: str = "ar,linear,quadratic", baselines: str = "hf,hf-prompt-lookup",
               max_new_tokens: int = 128, temperature: float = 0.0, repeats: int = 1, out: Optional[Path] = None,
               device: str = "auto", dtype: Optional[str] = None, prompt_lookup_tokens: int = 10, seed: int = 0,
-              plots: bool = True, tree: str = "0", static: bool = False) -> dict[str, Any]:
+              plots: bool = True, tree: str = "0", static: bool = False,
+              time_limit: Optional[float] = None) -> dict[str, Any]:
     """The whole benchmark (also callable from Python). Returns the results.json payload plus `out`. `k` None:
     1,2,4,8, keeping those the adapter drafts; an explicit k above the adapter's k is an error. `tree`: the draft
     tree sizes quadratic decoding runs with (comma-separated node budgets; 0 = the chain). `static`: ar and the
-    quadratic chains run with the static step too (greedy only)."""
+    quadratic chains run with the static step too (greedy only). `time_limit`: seconds after which no new prompt
+    starts (the results cover the prompts done)."""
     import torch
     from rich.console import Console
     from transformers.utils import logging as hf_logging
@@ -90,13 +92,15 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
     from maskspec.adapter import read_adapter_config, resolve_adapter, shipped_adapter_for
     from maskspec.bench import report
     from maskspec.bench.runner import BASELINES, BenchRunner, BenchSettings, build_methods, system_info
-    from maskspec.bench.suites import load_suite, select_prompts
+    from maskspec.bench.suites import in_domain_turns, load_suite, select_prompts
+    from maskspec.decode.static import engine_report
     from maskspec.decode.steps import MODES
     from maskspec.decode.verify import SamplingConfig, check_seed
     from maskspec.hub import is_default_model, parse_dtype, resolve_device
     from maskspec.model.mtp import MTPConfig, MTPModel
     from maskspec.progress import PromptProgress
 
+    started = time.perf_counter()
     console = Console()
     if not console.is_terminal:  # logs and pipes: wide enough for the tables instead of rich's 80 columns
         console.width = max(console.width, 140)
@@ -114,9 +118,13 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
     if static and temperature > 0:
         raise UsageError("--static decodes greedily: leave --temperature at 0, or leave --static off")
     check_seed(seed)
+    if time_limit is not None and time_limit <= 0:
+        raise UsageError(f"--time-limit must be a positive number of seconds, got {time_limit}")
     if prompt_lookup_tokens < 1:
         raise MaskspecError(f"--prompt-lookup-tokens must be at least 1, got {prompt_lookup_tokens}")
     prompts = select_prompts(load_suite(suite), split_option(domains) or None, n)
+    if time_limit is not None:  # a run cut short still covers every domain
+        prompts = in_domain_turns(prompts)
     device = resolve_device(device)
     torch_dtype = parse_dtype(dtype or ("bf16" if device.startswith("cuda") else "fp32"))
     out = Path(out) if out is not None else Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
@@ -182,17 +190,25 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
                 progress.done(f"{record.domain}/{record.prompt_id}")
 
         progress.stage(f"timing {len(methods)} methods x {repeats} repeat(s) per prompt")
-        records = runner.run(prompts, methods, on_done=advance)
+        deadline = None if time_limit is None else started + time_limit
+        records = runner.run(prompts, methods, on_done=advance, deadline=deadline)
+        done = len({r.prompt_id for r in records})
+        if done < len(prompts):
+            notes.append(f"--time-limit {time_limit:g} s: stopped after {done} of {len(prompts)} prompts.")
+            console.print(f"[yellow]note:[/yellow] {notes[-1]}")
+        if not records:
+            raise UsageError(f"--time-limit {time_limit:g} s ended before the first prompt; give it more time")
 
     config = {
         "model": model, "adapter": adapter_used if adapter_used is not None else
         ("none (untrained)" if drafting else None), "adapter_k": mtp.config.k if drafting else None,
         "suite": str(suite) if suite else "built-in", "domains": list(dict.fromkeys(p.domain for p in prompts)),
-        "n": n, "prompts": len(prompts), "k": ks, "k_skipped": skipped, "modes": mode_list, "trees": trees,
+        "n": n, "prompts": len({r.prompt_id for r in records}), "k": ks, "k_skipped": skipped, "modes": mode_list, "trees": trees,
         "baselines": baseline_list, "methods": [m.label for m in methods], "max_new_tokens": max_new_tokens,
         "temperature": temperature, "repeats": repeats, "device": device,
         "dtype": str(torch_dtype).replace("torch.", ""), "prompt_lookup_tokens": prompt_lookup_tokens,
-        "seed": seed, "static": static, "out": str(out), "notes": notes,
+        "seed": seed, "static": static, "static_engines": engine_report(mtp) if static else [],
+        "out": str(out), "notes": notes,
     }
 
     rows, mismatches = report.aggregate(records, greedy=temperature == 0)
@@ -267,8 +283,11 @@ def register(app: typer.Typer) -> None:
                                  "decoding, each run at every --k; 0 = the chain. Example: 0,4,8."),
         static: bool = typer.Option(False, "--static", help="Also run ar and each quadratic chain with the static "
                                     "step (fixed shapes, one host sync per step, a CUDA graph on a GPU)."),
+        time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds (from the start, model load "
+                                                   "included) after which no new prompt starts; the results cover "
+                                                   "the prompts done."),
     ) -> None:
         run_bench(model=model, adapter=adapter, suite=suite, domains=domains, n=n, k=k, modes=modes,
                   baselines=baselines, max_new_tokens=max_new_tokens, temperature=temperature, repeats=repeats,
                   out=out, device=device, dtype=dtype, prompt_lookup_tokens=prompt_lookup_tokens, seed=seed,
-                  plots=plots, tree=tree, static=static)
+                  plots=plots, tree=tree, static=static, time_limit=time_limit)

@@ -240,14 +240,19 @@ class BenchRunner:
                     self.generate(method, ids, self.settings.max_new_tokens, self.settings.seed)
 
     def run(self, prompts: list[BenchPrompt], methods: list[Method],
-            on_done: Callable[[RunRecord], None] | None = None) -> list[RunRecord]:
+            on_done: Callable[[RunRecord], None] | None = None,
+            deadline: float | None = None) -> list[RunRecord]:
         """All methods on prompt 1 (every repeat), then prompt 2, ... so machine noise hits all methods alike.
-        The method order rotates with the repeat index so no method is always first after a prompt switch."""
+        The method order rotates with the repeat index so no method is always first after a prompt switch.
+        `deadline` (a `time.perf_counter()` value): no prompt is started after it, so every method has run on
+        the same prompts."""
         if not methods or methods[0].method != HF:
             raise MaskspecError("the benchmark needs the hf baseline as its first method")
         s = self.settings
         records: list[RunRecord] = []
         for prompt in prompts:
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
             ids = self.input_ids(prompt)
             for repeat in range(s.repeats):
                 shift = repeat % len(methods)

@@ -115,3 +115,13 @@ def select_prompts(prompts: list[BenchPrompt], domains: list[str] | None = None,
     for domain in order:
         selected.extend(by_domain[domain][:n_per_domain] if n_per_domain else by_domain[domain])
     return selected
+
+
+def in_domain_turns(prompts: list[BenchPrompt]) -> list[BenchPrompt]:
+    """The prompts with the domains taking turns (first of each domain, then the second of each, ...), each
+    domain's own order kept: a run stopped early (`bench --time-limit`) has covered every domain alike."""
+    by_domain: "OrderedDict[str, list[BenchPrompt]]" = OrderedDict()
+    for p in prompts:
+        by_domain.setdefault(p.domain, []).append(p)
+    queues = list(by_domain.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]

@@ -333,3 +333,9 @@ def engine_for(mtp: "MTPModel", k: int, prompt_tokens: int, max_new_tokens: int,
     _ENGINES[mtp] = kept
     engine.lend(user)
     return engine
+
+
+def engine_report(mtp: "MTPModel") -> list[dict[str, Any]]:
+    """The model's static engines now: k, capacity, whether the step runs as a CUDA graph and why not."""
+    return [{"k": e.k, "capacity": e.capacity, "rows": e.rows, "cuda_graph": e._graph is not None,
+             "graph_error": e.graph_error} for e in _ENGINES.get(mtp, [])]

@@ -47,9 +47,10 @@ def run_cell(mtp: object, mode: str, clients: int, requests: int, max_tokens: in
             def ask(i: int) -> dict:
                 body = {"messages": [{"role": "user", "content": f"Write a short story about {TOPICS[i % 16]}."}],
                         "max_tokens": max_tokens, "temperature": 0}
+                sent = time.perf_counter()
                 r = httpx.post(url + "/v1/chat/completions", json=body, timeout=3600)
                 r.raise_for_status()
-                return r.json()
+                return {**r.json(), "latency_s": time.perf_counter() - sent}
 
             ask(0)  # warm-up
             start = time.perf_counter()
@@ -64,7 +65,18 @@ def run_cell(mtp: object, mode: str, clients: int, requests: int, max_tokens: in
     passes = sum(r["maskspec"]["forward_passes"] for r in flat)
     return {"mode": mode, "clients": clients, "requests": len(flat), "tokens": tokens, "seconds": round(wall, 2),
             "tokens_per_second": round(tokens / wall, 2), "tokens_per_pass": round(tokens / passes, 3),
-            "mean_latency_s": round(statistics.mean(r["maskspec"]["seconds"] for r in flat), 2)}
+            "mean_latency_s": round(statistics.mean(r["maskspec"]["seconds"] for r in flat), 2),
+            "p50_latency_s": round(percentile([r["latency_s"] for r in flat], 50), 3),
+            "p99_latency_s": round(percentile([r["latency_s"] for r in flat], 99), 3)}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) of the values, linearly interpolated between the nearest ranks."""
+    ordered = sorted(values)
+    at = (len(ordered) - 1) * q / 100
+    low = int(at)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,11 +106,13 @@ def main(argv: list[str] | None = None) -> None:
             row = run_cell(mtp, mode, clients, args.requests, args.max_tokens, args.max_batch)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| mode | clients | requests | tokens | seconds | tokens/s | tokens/pass | mean latency s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| mode | clients | requests | tokens | seconds | tokens/s | tokens/pass | mean decode s | "
+          "p50 latency s | p99 latency s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['seconds']} | "
-              f"{r['tokens_per_second']} | {r['tokens_per_pass']} | {r['mean_latency_s']} |")
+              f"{r['tokens_per_second']} | {r['tokens_per_pass']} | {r['mean_latency_s']} | "
+              f"{r['p50_latency_s']} | {r['p99_latency_s']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"adapter": adapter_note, "rows": rows}, f, indent=2)
