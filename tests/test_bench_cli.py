@@ -133,11 +133,12 @@ def test_bench_with_the_static_step_and_hf_static_cache(tiny_folders, tmp_path):
     assert result.exit_code == 0, result.output + repr(result.exception)
     payload = json.loads((out / "results.json").read_text())
     assert payload["config"]["static"] is True
-    engines = payload["config"]["static_engines"]  # ar's and k=2's, eager on this CPU
-    assert sorted(e["k"] for e in engines) == [0, 2] and not any(e["cuda_graph"] for e in engines)
-    # Static twins of ar and of the chain only (trees have no static step).
+    engines = payload["config"]["static_engines"]  # ar's, the chain's and the tree's, eager on this CPU
+    assert sorted((e["k"], e["tree"]) for e in engines) == [(0, 0), (2, 0), (2, 4)]
+    assert not any(e["cuda_graph"] for e in engines)
     assert payload["config"]["methods"] == ["hf", "hf-static", "ar", "ar static", "quadratic k=2",
-                                            "quadratic k=2 static", "quadratic k=2 tree=4"]
+                                            "quadratic k=2 static", "quadratic k=2 tree=4",
+                                            "quadratic k=2 tree=4 static"]
     by_label = {(r["domain"], r["label"]): r for r in payload["results"]}
     for domain in ("math", "code", "all"):
         fixed, usual = by_label[(domain, "quadratic k=2 static")], by_label[(domain, "quadratic k=2")]

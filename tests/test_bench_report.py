@@ -186,7 +186,8 @@ def test_helpers():
     methods, _ = build_methods(["ar", "quadratic", "linear"], [2], ["hf", "hf-static"], max_k=2, trees=[0, 4],
                                static=True)
     assert [m.label for m in methods] == ["hf", "hf-static", "ar", "ar static", "quadratic k=2",
-                                          "quadratic k=2 static", "quadratic k=2 tree=4", "linear k=2"]
+                                          "quadratic k=2 static", "quadratic k=2 tree=4",
+                                          "quadratic k=2 tree=4 static", "linear k=2"]
     assert len({m.key for m in methods}) == len(methods)
 
 

@@ -1,6 +1,6 @@
 """The static step (decode/static.py): the same greedy output as the usual step and as plain HF greedy, on every
-tiny architecture; no host sync inside a step; engines reused but never shared by two live decoders; the stop
-rules; usage errors; and, on a GPU, the CUDA graph."""
+tiny architecture, for chains and fixed-shape trees; no host sync inside a step; engines reused but never shared
+by two live decoders; the stop rules; usage errors; and, on a GPU, the CUDA graph."""
 
 import pytest
 import torch
@@ -8,17 +8,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import decode_alone, hf_greedy_tokens, make_prompts, make_tiny_mtp
 from maskspec.decode import static
-from maskspec.decode.api import generate
+from maskspec.decode.api import generate, prepare_input_ids
 from maskspec.decode.decoder import Decoder
-from maskspec.decode.drafters import SamplerChain
-from maskspec.decode.static import StaticStep, engine_for, needed_capacity
+from maskspec.decode.drafters import SamplerChain, TreeDrafter
+from maskspec.decode.static import StaticStep, engine_for, needed_capacity, step_rows, tree_shape
 from maskspec.decode.verify import SamplingConfig
 from maskspec.errors import UsageError
 from maskspec.testing import TINY_ARCHITECTURES
 
 
-def decode_static(mtp, prompt, mode, k, max_new, eos=None):
-    decoder = Decoder(mtp, mode=mode, k=k, static=True)
+def decode_static(mtp, prompt, mode, k, max_new, eos=None, tree=0, width=2):
+    decoder = Decoder(mtp, mode=mode, k=k, static=True, tree=tree, tree_width=width)
     seq = decoder.add(prompt, max_new, eos_token_ids=eos)
     with decoder.session():
         while decoder.has_work():
@@ -41,12 +41,37 @@ def test_static_step_equals_the_usual_step_and_hf_greedy(arch):
             assert fixed.finish_reason == usual.finish_reason
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_static_trees_equal_the_usual_trees_without_lookup(arch):
+    """Fixed-shape trees grow as `grow_trees` grows them (the usual step's TreeDrafter without its prompt-lookup
+    branch): the same tokens (HF greedy's) and the same forward passes."""
+    mtp = make_tiny_mtp(arch, k=4, seed=3)
+    for prompt in make_prompts(3, seed=11):
+        expected = hf_greedy_tokens(mtp.model, prompt, 30)
+        for tree, width in ((4, 2), (8, 2), (6, 3)):
+            usual, _ = decode_alone(mtp, prompt, "quadratic", 4, 30, eos=[2],
+                                    drafter=TreeDrafter(mtp, tree, width, lookup=False))
+            fixed = decode_static(mtp, prompt, "quadratic", 4, 30, eos=[2], tree=tree, width=width)
+            assert fixed.output == expected, (tree, width)
+            assert fixed.stats.forward_passes == usual.stats.forward_passes, (tree, width)
+
+
+def test_tree_shapes_and_rows():
+    assert tree_shape(3, 0, 2) == [1, 1, 1]  # a chain
+    assert tree_shape(8, 16, 2) == [2] * 8
+    assert tree_shape(2, 16, 2) == [2, 2]  # k depths at most
+    assert tree_shape(8, 5, 2) == [2, 2, 1]
+    assert tree_shape(4, 6, 3) == [3, 3]
+    assert step_rows(8, 16, 2) == 17 * 9 and step_rows(4) == 25 and step_rows(0) == 1
+
+
 def test_static_step_runs_long_sequences_past_the_step_rows():
     """A budget many times the step's rows: the KV storage is written and reused correctly all the way."""
     mtp = make_tiny_mtp("llama", k=3, seed=5)
     prompt = make_prompts(1, seed=2, max_len=30)[0]
     expected = hf_greedy_tokens(mtp.model, prompt, 200)
     assert decode_static(mtp, prompt, "quadratic", 3, 200).output == expected
+    assert decode_static(mtp, prompt, "quadratic", 3, 200, tree=6).output == expected
 
 
 SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
@@ -68,12 +93,13 @@ class _RefuseSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("arch,k", [("llama", 3), ("gemma3", 2), ("mistral", 0)])
-def test_a_step_reads_nothing_back_until_its_one_sync(arch, k):
-    """Everything a step computes (forward, verification, next drafts, state) runs without a value read back,
-    so on a GPU it can be captured as one graph; the op list proves the forward really ran under the check."""
+@pytest.mark.parametrize("arch,k,tree", [("llama", 3, 0), ("gemma3", 2, 0), ("mistral", 0, 0), ("llama", 3, 5)])
+def test_a_step_reads_nothing_back_until_its_one_sync(arch, k, tree):
+    """Everything a step computes (forward, verification, next drafts, state; a tree's attention and KV moves)
+    runs without a value read back, so on a GPU it can be captured as one graph; the op list proves the forward
+    really ran under the check."""
     mtp = make_tiny_mtp(arch, k=max(k, 1), seed=1)
-    engine = StaticStep(mtp, k, needed_capacity(k, 8, 16))
+    engine = StaticStep(mtp, k, needed_capacity(k, 8, 16, tree), tree=tree)
     engine.prefill(make_prompts(1, seed=9, max_len=8)[0])
     check = _RefuseSyncs()
     with torch.inference_mode(), check:
@@ -154,8 +180,8 @@ def test_static_usage_errors():
         Decoder(mtp, k=2, static=True).add([5, 6], 4, sampling=SamplingConfig(temperature=0.7))
     with pytest.raises(UsageError, match="modes ar and quadratic"):
         Decoder(mtp, mode="linear", k=2, static=True)
-    with pytest.raises(UsageError, match="chains"):
-        Decoder(mtp, k=2, tree=4, static=True)
+    with pytest.raises(UsageError, match="k >= 1"):
+        StaticStep(mtp, 0, 256, tree=4)
     with pytest.raises(UsageError, match="drafter"):
         Decoder(mtp, k=2, static=True, drafter=SamplerChain(mtp))
     with pytest.raises(UsageError, match="k must be in"):
@@ -174,6 +200,14 @@ def test_static_generate_on_the_embedded_model(smollm):
     fixed = generate(mtp, prompt, max_new_tokens=48, k=4, static=True)
     assert fixed.new_token_ids == usual.new_token_ids
     assert fixed.stats.forward_passes == usual.stats.forward_passes
+    # A tree of 16 at k = 8: paths several nodes deep are accepted, so the KV moves are exercised.
+    ids = prepare_input_ids(mtp, prompt)[0].tolist()
+    tree_usual, _ = decode_alone(mtp, ids, "quadratic", 8, 64, drafter=TreeDrafter(mtp, 16, 2, lookup=False))
+    tree_fixed = decode_static(mtp, ids, "quadratic", 8, 64, tree=16)
+    assert tree_fixed.output == tree_usual.output
+    assert tree_fixed.output[:len(usual.new_token_ids)] == usual.new_token_ids
+    assert tree_fixed.stats.forward_passes == tree_usual.stats.forward_passes
+    assert max(i for i, n in enumerate(tree_fixed.stats.accepted_histogram) if n) >= 3
     cut = generate(mtp, prompt, max_new_tokens=48, k=4, static=True, stop=[usual.text[10:14]])
     assert cut.text == usual.text[:usual.text.index(usual.text[10:14])]
 
@@ -184,8 +218,10 @@ def test_cuda_graph_step_equals_eager(dtype):
     """On a GPU the step is captured once and replayed: the same tokens as the usual step, no capture error."""
     mtp = make_tiny_mtp("llama", k=3, seed=3, dtype=dtype).to("cuda")
     for prompt in make_prompts(3, seed=12):
-        usual, _ = decode_alone(mtp, prompt, "quadratic", 3, 40)
-        fixed = decode_static(mtp, prompt, "quadratic", 3, 40)
-        assert fixed.output == usual.output
-    engine = static._ENGINES[mtp][0]
-    assert engine._graph is not None and engine.graph_error is None
+        for tree in (0, 6):
+            drafter = TreeDrafter(mtp, tree, 2, lookup=False) if tree else None
+            usual, _ = decode_alone(mtp, prompt, "quadratic", 3, 40, drafter=drafter)
+            fixed = decode_static(mtp, prompt, "quadratic", 3, 40, tree=tree)
+            assert fixed.output == usual.output
+    engines = static._ENGINES[mtp]
+    assert len(engines) == 2 and all(e._graph is not None and e.graph_error is None for e in engines)

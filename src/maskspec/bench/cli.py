@@ -83,7 +83,7 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
     """The whole benchmark (also callable from Python). Returns the results.json payload plus `out`. `k` None:
     1,2,4,8, keeping those the adapter drafts; an explicit k above the adapter's k is an error. `tree`: the draft
     tree sizes quadratic decoding runs with (comma-separated node budgets; 0 = the chain). `static`: ar and the
-    quadratic chains run with the static step too (greedy only). `time_limit`: seconds after which no new prompt
+    quadratic chains and trees run with the static step too (greedy only). `time_limit`: seconds after which no new prompt
     starts (the results cover the prompts done)."""
     import torch
     from rich.console import Console
@@ -281,7 +281,7 @@ def register(app: typer.Typer) -> None:
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
         tree: str = typer.Option("0", "--tree", help="Comma-separated draft tree sizes (node budgets) for quadratic "
                                  "decoding, each run at every --k; 0 = the chain. Example: 0,4,8."),
-        static: bool = typer.Option(False, "--static", help="Also run ar and each quadratic chain with the static "
+        static: bool = typer.Option(False, "--static", help="Also run ar and each quadratic chain and tree with the static "
                                     "step (fixed shapes, one host sync per step, a CUDA graph on a GPU)."),
         time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds (from the start, model load "
                                                    "included) after which no new prompt starts; the results cover "

@@ -7,8 +7,8 @@ Methods:
   decoding forward); warmed on the longest prompt first, so no timed call compiles;
 - `ar`: maskspec's own reference loop (same code path as the drafting modes, no drafts);
 - `maskspec`: self-speculative decoding in mode `quadratic` or `linear` with k drafts (quadratic: also with draft
-  trees of up to `tree` nodes). `static` runs ar and the chains also with the static step (`decode.static`: a
-  CUDA graph per step on a GPU), labelled "... static".
+  trees of up to `tree` nodes). `static` runs ar, the chains and the trees also with the static step
+  (`decode.static`: a CUDA graph per step on a GPU; trees without the prompt-lookup branch), labelled "... static".
 
 Each generation is timed by the wall clock around the call (after `torch.cuda.synchronize` on a GPU). Forward
 passes of the HF methods are counted with a forward hook on the base model (the prefill counts as one); the
@@ -108,7 +108,7 @@ def build_methods(modes: Iterable[str], ks: Iterable[int], baselines: Iterable[s
     """The method list in run order (hf first: it is the baseline) and the ks skipped because they exceed the
     adapter's k. `max_k=None` means no drafting adapter: only baselines and mode ar. Quadratic decoding runs
     once per tree size in `trees` (0: the chain); linear decoding drafts chains only. With `static`, ar and each
-    quadratic chain also run with the static step, right after their usual step."""
+    quadratic chain and tree also run with the static step, right after their usual step."""
     trees = list(trees)
     methods = [Method(HF)]
     for baseline in (HF_PROMPT_LOOKUP, HF_STATIC):
@@ -129,7 +129,7 @@ def build_methods(modes: Iterable[str], ks: Iterable[int], baselines: Iterable[s
                     continue
                 for tree in (trees if mode == "quadratic" else [0]):
                     methods.append(Method(MASKSPEC, mode, k, tree))
-                    if static and mode == "quadratic" and not tree:
+                    if static and mode == "quadratic":
                         methods.append(Method(MASKSPEC, mode, k, tree, static=True))
     return methods, skipped
 

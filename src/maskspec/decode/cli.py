@@ -81,14 +81,14 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device"),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (last line of stdout)."),
         static: bool = typer.Option(False, "--static", help="The static step: fixed shapes, one host sync per "
-                                    "step, a CUDA graph on a GPU (greedy chains, modes ar and quadratic)."),
+                                    "step, a CUDA graph on a GPU (greedy, modes ar and quadratic; trees without "
+                                    "the prompt-lookup branch)."),
     ) -> None:
         """Generate an answer to PROMPT, several tokens per forward pass."""
         check_sampling(temperature, top_p, top_k, seed)
         check_tree(tree, mode)
         if static:
-            check_static(mode, tree, greedy=temperature == 0)
-            tree = 0
+            check_static(mode, greedy=temperature == 0)
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
         tree = resolve_tree(mtp, mode, k, tree if mode == "quadratic" else None)  # fallback to ar: no drafts
 

@@ -99,8 +99,8 @@ class Decoder:
     the size the adapter's config recommends for this device, if k is not given either (`steps.resolve_tree`).
 
     `static`: decode with the static step (`decode.static`: fixed shapes, one host sync per step, a CUDA graph on
-    a GPU), for greedy chains in modes ar and quadratic. It decodes one sequence at a time: the others wait in
-    the queue, in order."""
+    a GPU), greedy, in modes ar and quadratic (chains and trees, without the prompt-lookup branch). It decodes
+    one sequence at a time: the others wait in the queue, in order."""
 
     def __init__(self, mtp: "MTPModel", mode: str = "quadratic", k: int | None = None,
                  drafter: Drafter | None = None, tree: int | None = None, tree_width: int = 2,
@@ -109,12 +109,12 @@ class Decoder:
         self.mode = mode
         self.k = resolve_k(mtp, mode, k)
         self.static = static
-        if static:  # one greedy chain at a time, fixed shapes (`decode.static`)
-            check_static(mode, tree)
+        if static:  # one greedy sequence at a time, fixed shapes (`decode.static`)
+            check_static(mode)
             if drafter is not None:
-                raise UsageError("the static step drafts with the sampler chain itself: pass no drafter")
-            tree = 0
+                raise UsageError("the static step drafts with the sampler itself: pass no drafter")
         self.tree = resolve_tree(mtp, mode, k, tree)
+        self.tree_width = tree_width
         self._engine: StaticStep | None = None
         if drafter is None:
             drafter = TreeDrafter(mtp, self.tree, tree_width) if self.tree else SamplerChain(mtp)
@@ -140,7 +140,7 @@ class Decoder:
             raise UsageError("stop strings need the text: leave detokenize on")
         sampling = sampling or SamplingConfig()
         if self.static:
-            check_static(self.mode, self.tree, sampling.greedy)
+            check_static(self.mode, sampling.greedy)
         generator = new_generator(sampling, seed, self.mtp.device)
         eos = frozenset(self.mtp.eos_token_ids if eos_token_ids is None else eos_token_ids)
         budget = plan_budget(len(prompt_ids), int(max_new_tokens), self.context_length)
@@ -324,7 +324,8 @@ class Decoder:
         return events
 
     def _static_prefill(self, s: DecodingSequence) -> int:
-        self._engine = engine_for(self.mtp, self.k, len(s.prompt_ids), s.max_new_tokens, self)
+        self._engine = engine_for(self.mtp, self.k, len(s.prompt_ids), s.max_new_tokens, self, self.tree,
+                                  self.tree_width)
         return self._engine.prefill(s.prompt_ids)
 
     def _emit(self, s: DecodingSequence, tokens: list[int]) -> tuple[list[int], str]:

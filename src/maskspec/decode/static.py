@@ -51,14 +51,12 @@ CAPACITY_STEP = 256  # engines are sized in multiples of this many positions, so
 GRAPH_WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS/SDPA workspaces, lazy inits)
 
 
-def check_static(mode: str, tree: int | None, greedy: bool = True) -> None:
-    """UsageError unless the static step can run this decoding: greedy, modes ar and quadratic, chains only."""
+def check_static(mode: str, greedy: bool = True) -> None:
+    """UsageError unless the static step can run this decoding: greedy, modes ar and quadratic."""
     if not greedy:
         raise UsageError("the static step decodes greedily: use temperature 0, or leave the static step off")
     if mode not in STATIC_MODES:
         raise UsageError(f"the static step runs modes {' and '.join(STATIC_MODES)}, got mode {mode!r}")
-    if tree:
-        raise UsageError("the static step drafts chains: pass tree 0, or leave the static step off for trees")
 
 
 class _StepLayer(CacheLayerMixin):
@@ -110,11 +108,14 @@ class StepCache(Cache):
 
 @dataclass(frozen=True)
 class _Rows:
-    """A pass's fixed rows, on the device: which step token each row reads (normal_index), mask_slot, positions
-    relative to the first row's, the attention among the rows (rows, rows) and the gate's rows and span."""
+    """A pass's fixed rows, on the device: which step token each row reads (normal_index), mask_slot, the normal
+    token each row hangs off (head), positions relative to the first row's, the attention among the rows
+    (rows, rows; for a tree step only its mask-to-mask part, the rest follows the tree's parents) and the gate's
+    rows and span."""
 
     normal_index: torch.Tensor
     mask_slot: torch.Tensor
+    head: torch.Tensor
     offsets: torch.Tensor
     attention: torch.Tensor
     gate_rows: torch.Tensor
@@ -130,38 +131,69 @@ class _Rows:
         span = (int(gate_rows[0]), int(gate_rows[-1]) + 1) if gate_rows.numel() else None
         if span is not None and span[1] - span[0] != gate_rows.numel():
             span = None
-        return cls(layout.normal_index.clamp(min=0), layout.mask_slot, layout.position_ids - layout.past_length,
-                   layout.attention[:, layout.past_length:], gate_rows, span)
+        return cls(layout.normal_index.clamp(min=0), layout.mask_slot, layout.head,
+                   layout.position_ids - layout.past_length, layout.attention[:, layout.past_length:], gate_rows,
+                   span)
 
     @classmethod
     def causal(cls, count: int, device: torch.device) -> "_Rows":
         """`count` normal tokens in a chain, no masks (mode ar)."""
         index = torch.arange(count, device=device)
-        return cls(index, torch.full((count,), -1, dtype=torch.long, device=device), index,
-                   torch.ones(count, count, dtype=torch.bool, device=device).tril(),
-                   index.new_empty(0), None)
+        return cls(index, torch.full((count,), -1, dtype=torch.long, device=device), index, index,
+                   torch.ones(count, count, dtype=torch.bool, device=device).tril(), index.new_empty(0), None)
+
+
+def tree_shape(k: int, tree: int, width: int) -> list[int]:
+    """Nodes per depth (1..) of the fixed-shape draft tree: a chain of k (tree 0), else what `grow_trees` grows
+    for a node budget `tree` and `width` (at most `width` nodes per depth, `tree` in all, k depths at most)."""
+    if not tree:
+        return [1] * k
+    counts: list[int] = []
+    while len(counts) < k and sum(counts) < tree:
+        counts.append(min(width, tree - sum(counts)))
+    return counts
 
 
 class StaticStep:
-    """The static step of one greedy sequence with k drafts (0: mode ar) in KV storage of `capacity` positions.
-    `prefill(prompt)` starts a sequence (eagerly; returns the first token), then each `step()` returns
-    (drafts accepted, the tokens it adds: those drafts and the token after them)."""
+    """The static step of one greedy sequence with k drafts (0: mode ar) in KV storage of `capacity` positions:
+    a chain, or with `tree` > 0 a draft tree of that many nodes, `width` per depth (`tree_shape`), grown as
+    `drafters.grow_trees` grows one (the chain's continuation first, then by path probability) but without the
+    prompt-lookup branch. `prefill(prompt)` starts a sequence (eagerly; returns the first token), then each
+    `step()` returns (drafts accepted, the tokens it adds: those drafts and the token after them)."""
 
-    def __init__(self, mtp: "MTPModel", k: int, capacity: int) -> None:
+    def __init__(self, mtp: "MTPModel", k: int, capacity: int, tree: int = 0, width: int = 2) -> None:
         if not 0 <= k <= mtp.k:
             raise UsageError(f"k must be in 0..{mtp.k} (the adapter's k), got {k}")
-        self.mtp, self.k, self.capacity = mtp, k, capacity
+        if tree < 0 or width < 1 or (tree and not k):
+            raise UsageError(f"a static draft tree needs k >= 1, tree >= 0 and width >= 1; got k={k}, tree={tree}, "
+                             f"width={width}")
+        self.mtp, self.k, self.capacity, self.tree = mtp, k, capacity, tree
+        self.width = width if tree else 1
         device = mtp.device
+        self.counts = tree_shape(k, tree, width)
+        self.starts = [1 + sum(self.counts[:d]) for d in range(len(self.counts))]  # first node of each depth
+        self.nodes = 1 + sum(self.counts)  # y0 and the drafts
+        depth_of = [0] + [d + 1 for d, c in enumerate(self.counts) for _ in range(c)]
         self.cache = StepCache(mtp.model.config.get_text_config().num_hidden_layers, capacity)
         self.length = torch.zeros((), dtype=torch.long, device=device)  # valid KV entries
-        self.tokens = torch.zeros(k + 1, dtype=torch.long, device=device)  # [y0, d1..dk]
-        self.out = torch.zeros(k + 2, dtype=torch.long, device=device)  # [accepted, emitted tokens...]
+        self.tokens = torch.zeros(self.nodes, dtype=torch.long, device=device)  # [y0, the drafts by depth]
+        # Each node's parent (y0: itself); the first node of each depth is the chain's.
+        self.parents = torch.tensor([0] + [self.starts[d - 2] if d > 1 else 0 for d in depth_of[1:]],
+                                    dtype=torch.long, device=device)
+        self.out = torch.zeros(len(self.counts) + 2, dtype=torch.long, device=device)  # [accepted, tokens...]
         self._columns = torch.arange(capacity, device=device)
-        self._slots = torch.arange(k + 1, device=device)
+        self._slots = torch.arange(len(self.counts) + 1, device=device)
+        self._eye = torch.eye(self.nodes, dtype=torch.bool, device=device)
+        self._depth_nodes = [torch.arange(s, s + c, device=device) for s, c in zip(self.starts, self.counts)]
         if k:
-            layout = build_layout(k + 1, range(k + 1), k, normals_first=True, device=device)
+            layout = build_layout(self.nodes, range(self.nodes), k, normals_first=True,
+                                  parents=[-1] + self.parents[1:].tolist(), device=device)
             self._rows = _Rows.of_layout(layout)
-            self._blocks = torch.stack([layout.block_rows(h) for h in range(k + 1)])  # (k + 1, k): rows of block h
+            # (nodes, k): the rows of the block after each node
+            self._blocks = torch.stack([layout.block_rows(h) for h in range(self.nodes)])
+            # the mask-to-mask part of the attention, which no tree changes, and which keys are masks
+            self._key_is_mask = layout.gate[None, :]
+            self._mask_attention = self._rows.attention & self._key_is_mask
         else:
             self._rows = _Rows.causal(1, device)
         self.rows = self._rows.count
@@ -170,6 +202,10 @@ class StaticStep:
         self.graph_error: str | None = None  # why capture failed (then the step runs eagerly)
         self.fingerprint = model_fingerprint(mtp)
         self._user: weakref.ref | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.k, self.tree, self.width)
 
     @property
     def in_use(self) -> bool:
@@ -182,14 +218,14 @@ class StaticStep:
 
     # ------------------------------------------------------------------ public
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
-        return needed_capacity(self.k, prompt_tokens, max_new_tokens) <= self.capacity
+        return needed_capacity(self.k, prompt_tokens, max_new_tokens, self.tree, self.width) <= self.capacity
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[int]) -> int:
         """Start a sequence: one eager pass over the prompt (and a mask block after its last token); returns the
         first new token. The state (y0, drafts, length) is then set for `step`."""
         count = len(prompt_ids)
-        if count + self.k + self.rows > self.capacity:
+        if count + max(self.k, 1) + self.rows > self.capacity:
             raise UsageError(f"a prompt of {count} tokens does not fit this engine's {self.capacity} positions")
         device = self.mtp.device
         if self.k:
@@ -199,11 +235,14 @@ class StaticStep:
             rows = _Rows.causal(count, device)
         ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
         self.length.zero_()
-        hidden = self._pass(rows, ids[rows.normal_index])
+        hidden = self._pass(rows, ids[rows.normal_index], rows.attention)
         first = self.mtp.head_logits(hidden[count - 1:count]).argmax(dim=-1)  # (1,)
-        self.tokens[:1] = first
         if self.k:
-            self.tokens[1:] = self._draft(hidden.index_select(0, layout.block_rows(count - 1)), first)
+            tokens, parents = self._grow(hidden.index_select(0, layout.block_rows(count - 1)), first)
+            self.tokens.copy_(tokens)
+            self.parents.copy_(parents)
+        else:
+            self.tokens.copy_(first)
         self.length.fill_(count)
         return int(first)
 
@@ -223,33 +262,67 @@ class StaticStep:
     # ------------------------------------------------------------------ the step, on the device
     def _compute(self) -> None:
         """Everything a step does, without reading a value back: forward, verification, next drafts, state."""
-        k = self.k
-        hidden = self._pass(self._rows, self.tokens[self._rows.normal_index])
-        argmax = self.mtp.head_logits(hidden[:k + 1]).argmax(dim=-1)  # (k + 1,): greedy token after each row
-        if not k:
+        rows, nodes = self._rows, self.nodes
+        hidden = self._pass(rows, self.tokens[rows.normal_index], self._step_attention())
+        argmax = self.mtp.head_logits(hidden[:nodes]).argmax(dim=-1)  # (nodes,): greedy token after each node
+        if not self.k:
             self.out[1:].copy_(argmax)
             self.tokens.copy_(argmax)
             self.length.add_(1)
             return
-        drafts = self.tokens[1:]
-        accepted = (drafts == argmax[:k]).long().cumprod(dim=0).sum(dim=0, keepdim=True)  # (1,)
-        bonus = argmax.gather(0, accepted)  # (1,)
-        latents = hidden.index_select(0, self._blocks.index_select(0, accepted)[0])  # the block after it
-        new_drafts = self._draft(latents, bonus)
-        padded = torch.cat([drafts, drafts[-1:]])
+        # Verification: from y0, depth by depth, to the child holding the greedy token (`verify.greedy_tree_path`).
+        at = torch.zeros(1, dtype=torch.long, device=argmax.device)
+        alive = torch.ones(1, dtype=torch.bool, device=argmax.device)
+        accepted = torch.zeros(1, dtype=torch.long, device=argmax.device)
+        path = [at]
+        for start, candidates in zip(self.starts, self._depth_nodes):
+            match = (self.parents[candidates] == at) & (self.tokens[candidates] == argmax.index_select(0, at))
+            hit = match.any(dim=0, keepdim=True) & alive
+            at = torch.where(hit, start + match.long().argmax(dim=0, keepdim=True), at)
+            alive = hit
+            accepted = accepted + hit.long()
+            path.append(at)
+        path_nodes = torch.cat(path)  # (depths + 1,): y0, the accepted nodes, then the last one repeated
+        bonus = argmax.index_select(0, at)
+        if self.width > 1:  # a tree's path is not a prefix of the step: move its keys and values to follow y0
+            self._keep_path(path_nodes)
+        new_tokens, new_parents = self._grow(hidden.index_select(0, self._blocks.index_select(0, at)[0]), bonus)
         self.out[:1].copy_(accepted)
-        self.out[1:].copy_(torch.where(self._slots < accepted, padded, bonus))
-        self.tokens.copy_(torch.cat([bonus, new_drafts]))
+        path_tokens = self.tokens.index_select(0, path_nodes[1:])
+        self.out[1:].copy_(torch.where(self._slots < accepted, torch.cat([path_tokens, bonus]), bonus))
+        self.tokens.copy_(new_tokens)
+        self.parents.copy_(new_parents)
         self.length.add_(accepted[0] + 1)
 
-    def _pass(self, rows: _Rows, token_ids: torch.Tensor) -> torch.Tensor:
-        """One forward pass of `rows` written at [length, length + rows): hidden states (rows, d)."""
+    def _step_attention(self) -> torch.Tensor:
+        """The attention among a step's rows: fixed for a chain; for a tree, rows see the keys on their head's
+        path (the ancestors from `parents`, built on the device) and their own block's masks up to themselves."""
+        if self.width == 1:
+            return self._rows.attention
+        ancestor = self._eye
+        for _ in self.counts:  # depth d needs d rounds
+            ancestor = self._eye | ancestor.index_select(0, self.parents)
+        head = self._rows.head
+        on_path = ancestor.index_select(0, head).index_select(1, head)
+        return (on_path & ~self._key_is_mask) | self._mask_attention
+
+    def _keep_path(self, path_nodes: torch.Tensor) -> None:
+        """KV entries of the accepted path's rows (normals first: row = node) moved to [length, length + depth]."""
+        source = self.length + path_nodes
+        target = self.length + self._slots
+        for layer in self.cache.layers:
+            layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
+            layer.values.index_copy_(2, target, layer.values.index_select(2, source))
+
+    def _pass(self, rows: _Rows, token_ids: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """One forward pass of `rows` (attention among them: `current`) written at [length, length + rows):
+        hidden states (rows, d)."""
         count = rows.count
         past = self._columns < self.length
         relative = self._columns - self.length
         in_step = (relative >= 0) & (relative < count)
         index = relative.clamp(0, count - 1)
-        attention = past[None, :] | (rows.attention[:, index] & in_step[None, :])  # (rows, capacity)
+        attention = past[None, :] | (current[:, index] & in_step[None, :])  # (rows, capacity)
         positions = self.length + rows.offsets
         key_positions = torch.where(past, self._columns, self.length + rows.offsets[index])
         self.cache.write_positions = self.length + self._columns[:count]
@@ -258,25 +331,45 @@ class StaticStep:
                                     mask_rows=(rows.gate_rows, rows.gate_span))
         return out.hidden[0]
 
-    def _draft(self, latents: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """The greedy sampler chain over one block's latents (k, d) after token `prev` (1,): the k drafts."""
-        drafts = []
-        for j in range(latents.shape[0]):
-            logits, ids = self.mtp.draft_logits(prev, latents[j:j + 1])
-            column = logits.argmax(dim=-1)
-            prev = column if ids is None else ids.index_select(0, column)
-            drafts.append(prev)
-        return torch.cat(drafts)
+    def _grow(self, latents: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next step's nodes from one block's latents (k, d) after the new y0 `prev` (1,): (tokens, parents),
+        y0 first. A chain takes the sampler's argmax at each mask; a tree, at each depth, the `width` best
+        continuations of every node of the depth before, of which the chain's own and then the highest path
+        log-probabilities (as `grow_trees`) fill the depth's places."""
+        tokens, parents = [prev], [torch.zeros(1, dtype=torch.long, device=prev.device)]
+        frontier, frontier_nodes = prev, parents[0]
+        score = torch.zeros(1, device=prev.device)
+        for depth, count in enumerate(self.counts):
+            logits, ids = self.mtp.draft_logits(frontier, latents[depth:depth + 1].expand(frontier.numel(), -1))
+            if self.width == 1:
+                column = logits.argmax(dim=-1)
+                chosen_parent = frontier_nodes
+            else:
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                top = logp.topk(min(self.width, logp.shape[-1]), dim=-1)
+                path_score = (score[:, None] + top.values).reshape(-1)
+                rank = path_score.clone()
+                rank[0] = float("inf")  # the chain's continuation (the first node's best child) comes first
+                pick = rank.topk(count).indices
+                column = top.indices.reshape(-1).index_select(0, pick)
+                chosen_parent = frontier_nodes.index_select(0, pick // top.indices.shape[1])
+                score = path_score.index_select(0, pick)
+            frontier = column if ids is None else ids.index_select(0, column)
+            frontier_nodes = self._depth_nodes[depth]
+            tokens.append(frontier)
+            parents.append(chosen_parent)
+        return torch.cat(tokens), torch.cat(parents)
 
     # ------------------------------------------------------------------ CUDA graph
     def _capture(self) -> bool:
         """Capture `_compute` as a CUDA graph (after warm-up runs on a side stream); the state is restored after
         each run, so the real step is still to come. False, with a warning, if capture fails."""
-        saved = (self.length.clone(), self.tokens.clone())
+        saved = (self.length.clone(), self.tokens.clone(), self.parents.clone())
 
         def restore() -> None:
             self.length.copy_(saved[0])
             self.tokens.copy_(saved[1])
+            self.parents.copy_(saved[2])
 
         try:
             side = torch.cuda.Stream()
@@ -302,11 +395,15 @@ class StaticStep:
             return False
 
 
-def needed_capacity(k: int, prompt_tokens: int, max_new_tokens: int) -> int:
+def step_rows(k: int, tree: int = 0, width: int = 2) -> int:
+    """Rows of one static step: y0 and every draft node, each with a block of k masks (1 in mode ar)."""
+    return (1 + sum(tree_shape(k, tree, width))) * (k + 1) if k else 1
+
+
+def needed_capacity(k: int, prompt_tokens: int, max_new_tokens: int, tree: int = 0, width: int = 2) -> int:
     """KV positions a sequence needs: its prompt and budget, plus one step's rows (or the prefill's mask block),
     rounded up to a multiple of CAPACITY_STEP."""
-    rows = (k + 1) ** 2 if k else 1
-    need = prompt_tokens + max_new_tokens + max(rows, k + 1)
+    need = prompt_tokens + max_new_tokens + max(step_rows(k, tree, width), k + 1)
     return -(-need // CAPACITY_STEP) * CAPACITY_STEP
 
 
@@ -319,16 +416,19 @@ def model_fingerprint(mtp: "MTPModel") -> tuple:
 _ENGINES: "weakref.WeakKeyDictionary[Any, list[StaticStep]]" = weakref.WeakKeyDictionary()
 
 
-def engine_for(mtp: "MTPModel", k: int, prompt_tokens: int, max_new_tokens: int, user: Any) -> StaticStep:
-    """A static engine of the model for k that fits this sequence, lent to `user` (a decoder) until its
+def engine_for(mtp: "MTPModel", k: int, prompt_tokens: int, max_new_tokens: int, user: Any, tree: int = 0,
+               width: int = 2) -> StaticStep:
+    """A static engine of the model for (k, tree, width) that fits this sequence, lent to `user` (a decoder) until its
     `_engine` no longer names it: an idle one kept from earlier sequences (its graph already captured) when one
     fits and the model is unchanged, else a new one. Engines that idle and no longer match are dropped."""
     fingerprint = model_fingerprint(mtp)
     kept = [e for e in _ENGINES.setdefault(mtp, []) if e.in_use or e.fingerprint == fingerprint]
-    engine = next((e for e in kept if e.k == k and not e.in_use and e.fits(prompt_tokens, max_new_tokens)), None)
+    shape = (k, tree, width if tree else 1)
+    engine = next((e for e in kept if e.shape == shape and not e.in_use and e.fits(prompt_tokens, max_new_tokens)),
+                  None)
     if engine is None:
-        kept = [e for e in kept if e.in_use or e.k != k]  # an idle engine too small for k: its memory back
-        engine = StaticStep(mtp, k, needed_capacity(k, prompt_tokens, max_new_tokens))
+        kept = [e for e in kept if e.in_use or e.shape != shape]  # an idle one too small: its memory back
+        engine = StaticStep(mtp, k, needed_capacity(k, prompt_tokens, max_new_tokens, tree, width), tree, width)
         kept.append(engine)
     _ENGINES[mtp] = kept
     engine.lend(user)
@@ -337,5 +437,5 @@ def engine_for(mtp: "MTPModel", k: int, prompt_tokens: int, max_new_tokens: int,
 
 def engine_report(mtp: "MTPModel") -> list[dict[str, Any]]:
     """The model's static engines now: k, capacity, whether the step runs as a CUDA graph and why not."""
-    return [{"k": e.k, "capacity": e.capacity, "rows": e.rows, "cuda_graph": e._graph is not None,
+    return [{"k": e.k, "tree": e.tree, "capacity": e.capacity, "rows": e.rows, "cuda_graph": e._graph is not None,
              "graph_error": e.graph_error} for e in _ENGINES.get(mtp, [])]
