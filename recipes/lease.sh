@@ -117,11 +117,15 @@ PY
     ;;
   decoding)
     # Sized for one call: each part has its own time limit (the bench first: its results are the targets).
+    log "CUDA tests of the static step (graph capture, same tokens as the usual step)"
+    timeout "${TEST_LIMIT:-60}" $PY -m pytest -q -p no:cacheprovider tests/test_static.py -k cuda \
+      > "$OUT/cuda-tests.log" 2>&1 || log "CUDA tests failed (see cuda-tests.log)"
+    tail -n 1 "$OUT/cuda-tests.log" | tee -a "$OUT/lease.log"
     for dtype in ${BENCH_DTYPES:-bf16}; do
       log "bench $dtype (usual and static steps, HF eager, static cache + compile, prompt lookup)"
       # --time-limit stops between prompts (results for those done); the outer timeout is only a guard.
-      timeout $(( ${BENCH_LIMIT:-250} + 60 )) $MASKSPEC bench --suite "$STAGE/dev.jsonl" --n "${BENCH_N_DECODING:-2}" \
-        --time-limit "${BENCH_LIMIT:-250}" \
+      timeout $(( ${BENCH_LIMIT:-210} + 60 )) $MASKSPEC bench --suite "$STAGE/dev.jsonl" --n "${BENCH_N_DECODING:-2}" \
+        --time-limit "${BENCH_LIMIT:-210}" \
         --device "$DEVICE" --dtype "$dtype" --k "${BENCH_K:-4,8}" --tree "${BENCH_TREE:-0,16}" --modes ar,quadratic \
         --static --baselines hf,hf-prompt-lookup,hf-static --max-new-tokens 128 --out "$OUT/bench-$dtype" \
         > "$OUT/bench-$dtype.log" 2>&1 || log "bench $dtype failed or ran out of time"

