@@ -89,6 +89,45 @@ def test_tune_records_the_fastest_setting_and_decoding_uses_it(tiny_setup, tmp_p
     assert "Chosen: k=" in (out / "tune.md").read_text()
 
 
+@pytest.mark.slow  # the embedded model's tokenizer
+def test_tune_with_the_static_step(tiny_setup, tmp_path):
+    """--static times every setting with the static step too; its trees' tau is simulated without the lookup
+    branch, which the timed runs confirm; the choice records the step, and decoding follows it."""
+    from maskspec.decode.api import generate
+    from maskspec.model.mtp import MTPModel
+
+    model_dir, adapter, args = tiny_setup
+    out = tmp_path / "tune-static"
+    result = CliRunner().invoke(app, args + ["--static", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    payload = json.loads((out / "tune.json").read_text())
+    rows = payload["results"]
+    assert [(r["k"], r["tree"], r["static"]) for r in rows] == [
+        (k, t, s) for k in (1, 2) for t in (0, 3) for s in (False, True)]
+    for r in rows:
+        assert r["measured_tau"] == pytest.approx(r["tau"], rel=0.02)  # the simulation matches each step
+    best = max(rows, key=lambda r: r["predicted_tokens_per_second"])
+    choice = payload["choice"]
+    assert (choice["k"], choice["tree"], choice["static"]) == (best["k"], best["tree"], best["static"])
+    mtp = MTPModel.from_pretrained(str(model_dir), adapter=str(adapter))
+    assert mtp.default_static is choice["static"]
+    # The recorded step is used only when neither k nor a tree is given, and only for greedy decoding.
+    mtp.decoding_defaults = {"cpu": {"k": 2, "tree": 3, "static": True}}
+    from maskspec.decode.steps import resolve_static
+
+    assert resolve_static(mtp, "quadratic", None, None, None, greedy=True) is True
+    assert resolve_static(mtp, "quadratic", 2, None, None, greedy=True) is False
+    assert resolve_static(mtp, "quadratic", None, None, None, greedy=False) is False
+    assert resolve_static(mtp, "quadratic", None, None, False, greedy=True) is False
+    from maskspec.decode import static
+
+    out_usual = generate(mtp, "2 + 2 =", max_new_tokens=6, static=False)
+    assert not static.engine_report(mtp)
+    out_default = generate(mtp, "2 + 2 =", max_new_tokens=6)
+    assert [(e["k"], e["tree"]) for e in static.engine_report(mtp)] == [(2, 3)]  # the static step ran
+    assert out_default.new_token_ids == out_usual.new_token_ids
+
+
 @pytest.mark.slow
 def test_tune_without_save_and_with_a_read_only_adapter(tiny_setup, tmp_path):
     _, adapter, args = tiny_setup

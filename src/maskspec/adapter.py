@@ -57,8 +57,9 @@ class AdapterConfig:
     dtype: str
     maskspec_version: str
     training: dict[str, Any] | None = None
-    # Measured decoding defaults per device type, e.g. {"cpu": {"k": 2, "tree": 4, "measured": "..."}}: the k and
-    # draft-tree size decoding uses when given neither. Optional; written by `maskspec tune` (or by hand).
+    # Measured decoding defaults per device type, e.g. {"cpu": {"k": 2, "tree": 4, "measured": "..."}}: the k,
+    # draft-tree size and step ("static": true for the static step) decoding uses when given neither k nor tree.
+    # Optional; written by `maskspec tune` (or by hand).
     decoding: dict[str, Any] | None = None
 
     def mtp_kwargs(self) -> dict[str, Any]:
@@ -218,6 +219,8 @@ def _config_problem(values: dict[str, Any]) -> tuple[str, str, Any] | None:
             return f"decoding.{device}.k", f"must be an integer from 1 to the adapter's k ({values['k']})", entry["k"]
         if "tree" in entry and (not _is_int(entry["tree"]) or entry["tree"] < 0):
             return f"decoding.{device}.tree", "must be an integer >= 0 (0: a chain)", entry["tree"]
+        if "static" in entry and not isinstance(entry["static"], bool):
+            return f"decoding.{device}.static", "must be true or false (the static step)", entry["static"]
     return None
 
 

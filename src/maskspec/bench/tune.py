@@ -1,5 +1,7 @@
 """`maskspec tune`: the (k, tree) setting with the most tokens per second on this device, recorded in the adapter's
-config so that decoding uses it when given neither --k nor --tree.
+config so that decoding uses it when given neither --k nor --tree. With --static every setting is also tried with
+the static step (`decode.static`; its trees have no prompt-lookup branch, so their tau is simulated without it),
+and the choice records whether to use it.
 
 tokens/s of a setting = tau / seconds per pass:
 - tau from the acceptance simulation (`bench.acceptance`: exact pass counts of greedy quadratic decoding, chains and
@@ -41,22 +43,27 @@ def _timing_sample(prompts: Sequence[Any], count: int) -> list[Any]:
     return [prompts[int(i * step)] for i in range(count)]
 
 
-def time_settings(mtp: Any, prompts: Sequence[Any], settings: Sequence[tuple[int, int]], max_new_tokens: int,
-                  on_prompt: Any = None) -> dict[tuple[int, int], dict[str, float]]:
-    """Greedy quadratic decoding of every (k, tree) setting ((0, 0): the reference loop, mode ar) on each prompt,
-    settings interleaved per prompt and rotated, after one untimed warm-up each. Per setting: seconds, passes,
-    tokens and ms per pass (prefill included, as tau counts it)."""
-    from maskspec.decode.api import generate, prepare_input_ids
+Setting = tuple[int, int, bool]  # (k, tree, static step); (0, 0, False) is the reference loop, mode ar
 
-    def run(ids: Any, setting: tuple[int, int], tokens: int) -> Any:
-        k, tree = setting
-        if k == 0:
-            return generate(mtp, ids, max_new_tokens=tokens, mode="ar")
-        return generate(mtp, ids, max_new_tokens=tokens, mode="quadratic", k=k, tree=tree)
 
-    inputs = [prepare_input_ids(mtp, p.messages) for p in prompts]
-    for setting in settings:
-        run(inputs[0], setting, min(16, max_new_tokens))
+def time_settings(mtp: Any, prompts: Sequence[Any], settings: Sequence[Setting], max_new_tokens: int,
+                  on_prompt: Any = None, tree_width: int = 2) -> dict[Setting, dict[str, float]]:
+    """Greedy quadratic decoding of every (k, tree, static) setting on each prompt, settings interleaved per
+    prompt and rotated, after one untimed warm-up each. Per setting: seconds, passes, tokens and ms per pass
+    (prefill included, as tau counts it)."""
+    from maskspec.decode.api import prepare_input_ids
+    from maskspec.decode.decoder import Decoder
+
+    def run(ids: list[int], setting: Setting, tokens: int) -> Any:
+        k, tree, static = setting
+        decoder = Decoder(mtp, mode="quadratic" if k else "ar", k=k or None, tree=tree, tree_width=tree_width,
+                          static=static)
+        return decoder.generate([dict(prompt_ids=ids, max_new_tokens=tokens)])[0]
+
+    inputs = [prepare_input_ids(mtp, p.messages)[0].tolist() for p in prompts]
+    longest = max(inputs, key=len)
+    for setting in settings:  # the static step sized (and on a GPU captured) for the longest prompt, untimed
+        run(longest, setting, max_new_tokens if setting[2] else min(16, max_new_tokens))
     totals = {s: {"seconds": 0.0, "passes": 0, "tokens": 0} for s in settings}
     for i, ids in enumerate(inputs):
         order = list(settings[i % len(settings):]) + list(settings[:i % len(settings)])
@@ -82,9 +89,10 @@ def run_tune(model: str = "default", adapter: Optional[str] = None, suite: Optio
              domains: Optional[str] = None, n: int = 2, max_new_tokens: int = 96, k: Optional[str] = None,
              tree: str = "0,4,8", tree_width: int = 2, timing_prompts: int = 4, device: str = "cpu",
              dtype: str = "fp32", save: bool = True, out: Optional[Path] = None,
-             answers: Optional[Path] = None) -> dict[str, Any]:
+             answers: Optional[Path] = None, static: bool = False) -> dict[str, Any]:
     """The whole command (also callable from Python). Returns the tune.json payload. `answers`: greedy answers
-    from `maskspec acceptance --answers` to reuse (and extend)."""
+    from `maskspec acceptance --answers` to reuse (and extend). `static`: try every setting with the static step
+    too."""
     import torch
     from rich.console import Console
     from transformers.utils import logging as hf_logging
@@ -132,7 +140,15 @@ def run_tune(model: str = "default", adapter: Optional[str] = None, suite: Optio
         console.width = max(console.width, 140)
     hf_logging.set_verbosity_error()
     shapes = [TreeShape(x, t, tree_width) for x in ks for t in trees if t > 0]
-    settings = [(0, 0)] + [(x, t) for x in ks for t in trees]
+    if static:  # the static step's trees: no prompt-lookup branch
+        shapes += [TreeShape(x, t, tree_width, lookup=False) for x in ks for t in trees if t > 0]
+    settings: list[Setting] = [(0, 0, False)] + [(x, t, s) for x in ks for t in trees
+                                                 for s in ((False, True) if static else (False,))]
+
+    def shape_of(setting: Setting) -> str:
+        k, t, fixed = setting
+        return f"k{k}-chain" if not t else TreeShape(k, t, tree_width, lookup=not fixed).key
+
     with PromptProgress("tune", len(prompts) + len(timed)) as progress:
         progress.stage(f"loading model {model!r} with adapter {adapter!r} ({device}, {dtype})")
         mtp = MTPModel.from_pretrained(model, adapter=str(adapter_path), dtype=torch_dtype, device=device)
@@ -143,14 +159,15 @@ def run_tune(model: str = "default", adapter: Optional[str] = None, suite: Optio
             write_answers(answers, known_answers)
         progress.stage(f"timing {len(settings)} settings on {len(timed)} prompts")
         costs = time_settings(mtp, timed, settings, max_new_tokens,
-                              on_prompt=lambda p: progress.done(f"timed {p.domain}/{p.id}"))
+                              on_prompt=lambda p: progress.done(f"timed {p.domain}/{p.id}"), tree_width=tree_width)
 
-    simulated = {(r["k"], r["tree"]): r for r in summarize_trees(profiles, shapes, ks) if r["domain"] == "all"}
-    ar_cost = costs[(0, 0)]
+    simulated = {r["shape"]: r for r in summarize_trees(profiles, shapes, ks) if r["domain"] == "all"}
+    ar_cost = costs[(0, 0, False)]
     rows = []
     for setting in settings[1:]:
-        sim, cost = simulated[setting], costs[setting]
-        rows.append({"k": setting[0], "tree": setting[1], "tau": sim["tau"], "mean_nodes": sim["mean_nodes"],
+        sim, cost = simulated[shape_of(setting)], costs[setting]
+        rows.append({"k": setting[0], "tree": setting[1], "static": setting[2], "tau": sim["tau"],
+                     "mean_nodes": sim["mean_nodes"],
                      "mean_rows": sim["mean_rows"], "ms_per_pass": cost["ms_per_pass"],
                      "predicted_tokens_per_second": 1000 * sim["tau"] / cost["ms_per_pass"],
                      "measured_tokens_per_second": cost["tokens"] / cost["seconds"],
@@ -160,7 +177,7 @@ def run_tune(model: str = "default", adapter: Optional[str] = None, suite: Optio
     ar_tps = ar_cost["tokens"] / ar_cost["seconds"]
     system = system_info(device, torch_dtype)
     where = f"{system['gpu'] or system['cpu']}, {system['threads']} threads, {system['dtype']}"
-    entry = {"k": best["k"], "tree": best["tree"],
+    entry = {"k": best["k"], "tree": best["tree"], **({"static": best["static"]} if static else {}),
              "measured": f"maskspec tune {time.strftime('%Y-%m-%d')} on {where}: tau {best['tau']:.2f} at "
                          f"{best['ms_per_pass']:.1f} ms/pass, {best['predicted_tokens_per_second']:.1f} tokens/s "
                          f"predicted (best chain: k={best_chain['k']}, "
@@ -169,7 +186,8 @@ def run_tune(model: str = "default", adapter: Optional[str] = None, suite: Optio
     saved = str(adapter_path / CONFIG_FILE) if save else None
     config = {"model": model, "adapter": str(adapter_path), "adapter_k": adapter_k, "suite": str(suite or "built-in"),
               "n": n, "prompts": len(prompts), "timing_prompts": len(timed), "max_new_tokens": max_new_tokens,
-              "k": ks, "trees": trees, "tree_width": tree_width, "device": device, "dtype": dtype, "saved": saved}
+              "k": ks, "trees": trees, "tree_width": tree_width, "static": static, "device": device, "dtype": dtype,
+              "saved": saved}
     payload = {"config": config, "system": system, "results": rows, "choice": entry,
                "ar": {"ms_per_pass": ar_cost["ms_per_pass"], "tokens_per_second": ar_tps}}
     out.mkdir(parents=True, exist_ok=True)
@@ -178,22 +196,28 @@ def run_tune(model: str = "default", adapter: Optional[str] = None, suite: Optio
     atomic_write_text(out / "tune.md", "# maskspec tune\n\n" + "\n".join(f"- {key}: {value}" for key, value in
                                                                        config.items())
                       + f"\n- ar (plain decoding): {ar_cost['ms_per_pass']:.1f} ms/pass, {ar_tps:.1f} tokens/s\n\n"
-                      + table + f"\nChosen: k={best['k']}, tree={best['tree']}. {entry['measured']}\n")
+                      + table + f"\nChosen: {_label(best)}. {entry['measured']}\n")
     if save:  # after the report is written: a failure here loses no measurement
         write_decoding_defaults(adapter_path, torch.device(device).type, entry)
     console.print(table)
-    console.print(f"chosen for {torch.device(device).type}: k={best['k']}, tree={best['tree']}"
+    console.print(f"chosen for {torch.device(device).type}: {_label(best)}"
                   + (f" (saved in {saved})" if saved else " (not saved: --no-save)"))
     console.print(f"results: {out / 'tune.json'}, report: {out / 'tune.md'}")
     return payload
 
 
+def _label(row: dict[str, Any]) -> str:
+    return f"k={row['k']}, tree={row['tree']}" + (", static step" if row.get("static") else "")
+
+
 def markdown(rows: Sequence[dict[str, Any]], best: dict[str, Any]) -> str:
-    lines = ["| k | tree | tau (simulated) | nodes per step | rows per pass | ms per pass | tokens/s predicted | "
-             "tokens/s measured (timed prompts) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| k | tree | step | tau (simulated) | nodes per step | rows per pass | ms per pass | tokens/s predicted | "
+             "tokens/s measured (timed prompts) |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mark = " **(chosen)**" if r is best else ""
-        lines.append(f"| {r['k']} | {r['tree']} | {r['tau']:.2f} | {r['mean_nodes']:.1f} | {r['mean_rows']:.0f} | "
+        step = "static" if r.get("static") else "usual"
+        lines.append(f"| {r['k']} | {r['tree']} | {step} | {r['tau']:.2f} | {r['mean_nodes']:.1f} | "
+                     f"{r['mean_rows']:.0f} | "
                      f"{r['ms_per_pass']:.1f} | {r['predicted_tokens_per_second']:.1f}{mark} | "
                      f"{r['measured_tokens_per_second']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -221,6 +245,8 @@ def register(app: typer.Typer) -> None:
                                                                "bench-results/tune-<timestamp>)."),
         answers: Optional[Path] = typer.Option(None, "--answers", help="Greedy answers to reuse and extend (the "
                                                "file `maskspec acceptance --answers` writes)."),
+        static: bool = typer.Option(False, "--static", help="Also try every setting with the static step (a CUDA "
+                                    "graph per step on a GPU) and record whether to use it."),
     ) -> None:
         run_tune(model, adapter, suite, domains, n, max_new_tokens, k, tree, tree_width, timing_prompts, device,
-                 dtype, save, out, answers)
+                 dtype, save, out, answers, static)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from maskspec.decode.decoder import Decoder, DecodingSequence
+from maskspec.decode.steps import resolve_static
 from maskspec.decode.types import GenerationOutput, GenerationStats
 from maskspec.decode.verify import SamplingConfig
 from maskspec.errors import MaskspecError
@@ -56,15 +57,17 @@ def start(mtp: MTPModel, prompt: Prompt, *, max_new_tokens: int = 256, mode: str
           k: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
           stop: Sequence[str] | None = None, seed: int | None = None, eos_token_ids: Sequence[int] | None = None,
           chat_template: bool = True, tree: int | None = None,
-          static: bool = False) -> tuple[torch.Tensor, Decoder, DecodingSequence]:
+          static: bool | None = None) -> tuple[torch.Tensor, Decoder, DecodingSequence]:
     """A decoder holding one sequence for `prompt`, ready to step: (the prompt's ids, the decoder, the sequence).
     `tree` > 0 drafts trees of up to that many nodes (mode quadratic), 0 a chain; None (the default) takes what the
     adapter's config recommends for this device when k is not given either (see `Decoder`). `static`: the static
-    step (greedy chains; a CUDA graph on a GPU, `decode.static`)."""
+    step (greedy; a CUDA graph on a GPU, `decode.static`); None takes the adapter's recommendation for this device
+    under the same rule as the tree (`steps.resolve_static`)."""
     if max_new_tokens < 0:
         raise MaskspecError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     ids = prepare_input_ids(mtp, prompt, chat_template)
+    static = resolve_static(mtp, mode, k, tree, static, sampling.greedy)
     decoder = Decoder(mtp, mode=mode, k=k, tree=tree, static=static)
     seq = decoder.add(ids[0].tolist(), max_new_tokens, sampling=sampling, seed=seed, eos_token_ids=eos_token_ids,
                       stop=list(stop or []))

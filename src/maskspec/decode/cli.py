@@ -10,7 +10,7 @@ import typer
 
 from maskspec.decode.api import StreamChunk, generate, stream
 from maskspec.decode.static import check_static
-from maskspec.decode.steps import MODES, resolve_k, resolve_tree
+from maskspec.decode.steps import MODES, resolve_k, resolve_static, resolve_tree
 from maskspec.decode.verify import SamplingConfig, check_seed
 from maskspec.errors import MaskspecError, UsageError
 from maskspec.loading import load_for_decoding
@@ -26,6 +26,11 @@ def load_for_cli(model: str, adapter: Optional[str], mode: str, dtype: str, devi
             typer.secho(f"notice: {message}", err=True, fg=typer.colors.YELLOW)
 
     return load_for_decoding(model, adapter, mode=mode, k=k, dtype=dtype, device=device, notice=notice)
+
+
+STATIC_HELP = ("The static step: fixed shapes, one host sync per step, a CUDA graph on a GPU (greedy, modes ar and "
+               "quadratic; trees without the prompt-lookup branch). Default: what the adapter's config recommends "
+               "for this device, when --k and --tree are not given either.")
 
 
 def check_tree(tree: int | None, mode: str) -> None:
@@ -80,9 +85,7 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("fp32", "--dtype"),
         device: str = typer.Option("cpu", "--device"),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (last line of stdout)."),
-        static: bool = typer.Option(False, "--static", help="The static step: fixed shapes, one host sync per "
-                                    "step, a CUDA graph on a GPU (greedy, modes ar and quadratic; trees without "
-                                    "the prompt-lookup branch)."),
+        static: Optional[bool] = typer.Option(None, "--static/--no-static", help=STATIC_HELP),
     ) -> None:
         """Generate an answer to PROMPT, several tokens per forward pass."""
         check_sampling(temperature, top_p, top_k, seed)
@@ -90,7 +93,9 @@ def register(app: typer.Typer) -> None:
         if static:
             check_static(mode, greedy=temperature == 0)
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
-        tree = resolve_tree(mtp, mode, k, tree if mode == "quadratic" else None)  # fallback to ar: no drafts
+        asked_tree = tree if mode == "quadratic" else None  # fallback to ar: no drafts
+        tree = resolve_tree(mtp, mode, k, asked_tree)
+        static = resolve_static(mtp, mode, k, asked_tree, static, temperature == 0)
 
         def show(chunk: StreamChunk) -> None:
             if not as_json:
@@ -121,6 +126,7 @@ def register(app: typer.Typer) -> None:
         k: Optional[int] = typer.Option(None, "--k"),
         tree: Optional[int] = typer.Option(None, "--tree", min=0, help="Draft trees of up to N nodes (0: a chain; "
                                            "default: the adapter's recommendation for this device)."),
+        static: Optional[bool] = typer.Option(None, "--static/--no-static", help=STATIC_HELP),
         max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1),
         temperature: float = typer.Option(0.0, "--temperature", "-t"),
         system: Optional[str] = typer.Option(None, "--system", help="System message."),
@@ -130,8 +136,12 @@ def register(app: typer.Typer) -> None:
         """Interactive multi-turn chat. /reset clears the history, /exit quits, Ctrl-C stops an answer."""
         check_sampling(temperature)
         check_tree(tree, mode)
+        if static:
+            check_static(mode, greedy=temperature == 0)
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
-        tree = resolve_tree(mtp, mode, k, tree if mode == "quadratic" else None)
+        asked_tree = tree if mode == "quadratic" else None
+        tree = resolve_tree(mtp, mode, k, asked_tree)
+        static = resolve_static(mtp, mode, k, asked_tree, static, temperature == 0)
         history: list[dict] = [{"role": "system", "content": system}] if system else []
         typer.secho("maskspec chat: /reset clears the conversation, /exit quits, Ctrl-C stops an answer.",
                     fg=typer.colors.BRIGHT_BLACK)
@@ -154,7 +164,7 @@ def register(app: typer.Typer) -> None:
             sys.stdout.write("assistant> ")
             try:
                 for chunk in stream(mtp, history, max_new_tokens=max_new_tokens, mode=mode, k=k,
-                                    temperature=temperature, tree=tree):
+                                    temperature=temperature, tree=tree, static=static):
                     answer += chunk.text
                     stats = chunk.stats
                     sys.stdout.write(chunk.text)

@@ -49,6 +49,16 @@ def resolve_tree(mtp: "MTPModel", mode: str, k: int | None, tree: int | None) ->
     return tree
 
 
+def resolve_static(mtp: "MTPModel", mode: str, k: int | None, tree: int | None, static: bool | None,
+                   greedy: bool) -> bool:
+    """Whether a generation uses the static step (`decode.static`). None: what the adapter's config recommends for
+    this device (`mtp.default_static`), taken, like the recommended tree, only when neither k nor a tree was
+    given, in mode quadratic, and only for greedy decoding (the static step does not sample)."""
+    if static is None:
+        return mtp.default_static and k is None and tree is None and mode == "quadratic" and greedy
+    return bool(static)
+
+
 def block_heads(mode: str, k: int, num_normal: int, prefill: bool) -> list[int]:
     """Which normal rows of a step get a mask block: none for the reference loop; after the last row for the
     prefill and for linear decoding; after every row (y0 and each draft) for quadratic decoding."""

@@ -147,6 +147,13 @@ class MTPModel(nn.Module):
         tree = self._decoding_default("tree")
         return tree if tree is not None and tree >= 0 else 0
 
+    @property
+    def default_static(self) -> bool:
+        """Whether the adapter's config recommends the static step for this device type (`maskspec tune
+        --static` measures it); used for greedy decoding given neither k nor a tree."""
+        entry = self.decoding_defaults.get(self.device.type)
+        return isinstance(entry, dict) and entry.get("static") is True
+
     def _decoding_default(self, name: str) -> int | None:
         """An integer the adapter's config records for this device type (`decoding.<type>.<name>`), else None."""
         entry = self.decoding_defaults.get(self.device.type)
