@@ -16,6 +16,8 @@
 #               quadratic chains with the usual and the static step, trees; bf16), ms per pass and per static step
 #               against rows for a Llama-3-8B-shaped model with random weights, a profile of one step (usual vs
 #               static), and the server's throughput at 1-64 clients, quadratic vs ar
+#   tune        `maskspec tune --static` on the GPU (k, tree and step), recorded in a copy of the committed
+#               adapter (adapter-tuned/): its decoding.cuda entry is what to commit
 # Everything lands in $OUT, packed at the end into results.tgz.part-NN (at most 8 files of 16 MiB come back;
 # checkpoints are deleted). A CPU rehearsal of the same steps, with the parts unpacked by hand:
 #
@@ -140,6 +142,14 @@ PY
     timeout "${LOADTEST_LIMIT:-80}" $PY -m maskspec.serve.loadtest --device "$DEVICE" --dtype bf16 \
       --clients "${LOADTEST_CLIENTS:-1,4,16,64}" --modes quadratic,ar --max-tokens 64 --max-batch 64 \
       --json "$OUT/loadtest.json" > "$OUT/loadtest.log" 2>&1 || log "loadtest failed or ran out of time"
+    ;;
+  tune)
+    log "tune on the GPU: k, tree and step (usual or static), recorded in a copy of the committed adapter"
+    cp -r "$COMMITTED" "$OUT/adapter-tuned"
+    timeout "${TUNE_LIMIT:-480}" $MASKSPEC tune --adapter "$OUT/adapter-tuned" --suite "$STAGE/dev.jsonl" --n 5 \
+      --max-new-tokens 128 --k "${TUNE_K:-2,4,8}" --tree "${TUNE_TREE:-0,8,16}" --static --timing-prompts 8 \
+      --device "$DEVICE" --dtype bf16 "${answers[@]}" --out "$OUT/tune" > "$OUT/tune.log" 2>&1 || log "tune failed"
+    tail -n 3 "$OUT/tune.log" | tee -a "$OUT/lease.log"
     ;;
   *) log "unknown LEASE_TASK $LEASE_TASK"; exit 2 ;;
 esac
