@@ -2,6 +2,8 @@
 tiny architecture, for chains and fixed-shape trees; no host sync inside a step; engines reused but never shared
 by two live decoders; the stop rules; usage errors; and, on a GPU, the CUDA graph."""
 
+import random
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -10,7 +12,7 @@ from conftest import decode_alone, hf_greedy_tokens, make_prompts, make_tiny_mtp
 from maskspec.decode import static
 from maskspec.decode.api import generate, prepare_input_ids
 from maskspec.decode.decoder import Decoder
-from maskspec.decode.drafters import SamplerChain, TreeDrafter
+from maskspec.decode.drafters import SamplerChain, TreeDrafter, merge_branch, prompt_lookup
 from maskspec.decode.static import StaticStep, engine_for, needed_capacity, step_rows, tree_shape
 from maskspec.decode.verify import SamplingConfig
 from maskspec.errors import UsageError
@@ -42,18 +44,58 @@ def test_static_step_equals_the_usual_step_and_hf_greedy(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_static_trees_equal_the_usual_trees_without_lookup(arch):
-    """Fixed-shape trees grow as `grow_trees` grows them (the usual step's TreeDrafter without its prompt-lookup
-    branch): the same tokens (HF greedy's) and the same forward passes."""
+def test_static_trees_equal_the_usual_trees(arch):
+    """Fixed-shape trees grow as `grow_trees` grows them and take the prompt-lookup branch as `TreeDrafter` merges
+    it: the same tokens (HF greedy's) and the same forward passes as the usual step's trees."""
     mtp = make_tiny_mtp(arch, k=4, seed=3)
     for prompt in make_prompts(3, seed=11):
         expected = hf_greedy_tokens(mtp.model, prompt, 30)
         for tree, width in ((4, 2), (8, 2), (6, 3)):
-            usual, _ = decode_alone(mtp, prompt, "quadratic", 4, 30, eos=[2],
-                                    drafter=TreeDrafter(mtp, tree, width, lookup=False))
+            usual, _ = decode_alone(mtp, prompt, "quadratic", 4, 30, eos=[2], drafter=TreeDrafter(mtp, tree, width))
             fixed = decode_static(mtp, prompt, "quadratic", 4, 30, eos=[2], tree=tree, width=width)
             assert fixed.output == expected, (tree, width)
             assert fixed.stats.forward_passes == usual.stats.forward_passes, (tree, width)
+
+
+def test_lookup_on_the_device_equals_prompt_lookup():
+    """The device's prompt lookup finds what `drafters.prompt_lookup` finds, on contexts with many repeats (a
+    vocabulary of 5), short ones included; and its merge into the tree gives `merge_branch`'s tree."""
+    mtp = make_tiny_mtp("llama", k=4, seed=1)
+    engine = StaticStep(mtp, 4, 64, tree=5, width=2)
+    rng = random.Random(0)
+    for trial in range(200):
+        context = [rng.randrange(5) for _ in range(rng.randint(1, 40))]
+        engine.context.zero_()
+        engine.context[:len(context)] = torch.tensor(context)
+        engine.length.fill_(len(context) - 1)  # the context is the cache's tokens and y0
+        branch, valid = engine._lookup_branch()
+        found = branch[valid].tolist()
+        assert found == prompt_lookup(context, 4), (trial, context)
+        # Merge into a random sampler tree of the engine's shape: the live nodes form merge_branch's tree.
+        tokens = torch.tensor([context[-1]] + [rng.randrange(5) for _ in range(engine.lookup_start - 1)])
+        parents = engine.parents[:engine.lookup_start].clone()
+        for d, nodes in enumerate(engine._depth_nodes[1:], start=1):  # random parents among the depth before
+            previous = engine._depth_nodes[d - 1].tolist()
+            parents[nodes] = torch.tensor([rng.choice(previous) for _ in nodes.tolist()])
+        merged_tokens, merged_parents = engine._merge_lookup(tokens, parents)
+        ref_tokens = tokens[1:].tolist()
+        ref_parents = [p - 1 for p in parents[1:].tolist()]
+        merge_branch(ref_tokens, ref_parents, found)
+        assert _paths(merged_tokens.tolist(), merged_parents.tolist()) == _paths([None] + ref_tokens,
+                                                                                [0] + [p + 1 for p in ref_parents])
+
+
+def _paths(tokens, parents):
+    """The token paths from node 0 to every node reachable from it (a node that hangs off itself is not)."""
+    paths = set()
+    for i in range(1, len(tokens)):
+        path, at = [], i
+        while at != 0 and parents[at] != at and len(path) <= len(tokens):
+            path.append(tokens[at])
+            at = parents[at]
+        if at == 0:
+            paths.add(tuple(reversed(path)))
+    return paths
 
 
 def test_tree_shapes_and_rows():
@@ -62,7 +104,8 @@ def test_tree_shapes_and_rows():
     assert tree_shape(2, 16, 2) == [2, 2]  # k depths at most
     assert tree_shape(8, 5, 2) == [2, 2, 1]
     assert tree_shape(4, 6, 3) == [3, 3]
-    assert step_rows(8, 16, 2) == 17 * 9 and step_rows(4) == 25 and step_rows(0) == 1
+    assert step_rows(8, 16, 2) == (17 + 8) * 9 and step_rows(8, 16, 2, lookup=False) == 17 * 9
+    assert step_rows(4) == 25 and step_rows(0) == 1  # a chain has no lookup slots
 
 
 def test_static_step_runs_long_sequences_past_the_step_rows():
@@ -202,7 +245,7 @@ def test_static_generate_on_the_embedded_model(smollm):
     assert fixed.stats.forward_passes == usual.stats.forward_passes
     # A tree of 16 at k = 8: paths several nodes deep are accepted, so the KV moves are exercised.
     ids = prepare_input_ids(mtp, prompt)[0].tolist()
-    tree_usual, _ = decode_alone(mtp, ids, "quadratic", 8, 64, drafter=TreeDrafter(mtp, 16, 2, lookup=False))
+    tree_usual, _ = decode_alone(mtp, ids, "quadratic", 8, 64, drafter=TreeDrafter(mtp, 16, 2))
     tree_fixed = decode_static(mtp, ids, "quadratic", 8, 64, tree=16)
     assert tree_fixed.output == tree_usual.output
     assert tree_fixed.output[:len(usual.new_token_ids)] == usual.new_token_ids
@@ -219,7 +262,7 @@ def test_cuda_graph_step_equals_eager(dtype):
     mtp = make_tiny_mtp("llama", k=3, seed=3, dtype=dtype).to("cuda")
     for prompt in make_prompts(3, seed=12):
         for tree in (0, 6):
-            drafter = TreeDrafter(mtp, tree, 2, lookup=False) if tree else None
+            drafter = TreeDrafter(mtp, tree, 2) if tree else None
             usual, _ = decode_alone(mtp, prompt, "quadratic", 3, 40, drafter=drafter)
             fixed = decode_static(mtp, prompt, "quadratic", 3, 40, tree=tree)
             assert fixed.output == usual.output

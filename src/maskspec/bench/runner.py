@@ -8,7 +8,7 @@ Methods:
 - `ar`: maskspec's own reference loop (same code path as the drafting modes, no drafts);
 - `maskspec`: self-speculative decoding in mode `quadratic` or `linear` with k drafts (quadratic: also with draft
   trees of up to `tree` nodes). `static` runs ar, the chains and the trees also with the static step
-  (`decode.static`: a CUDA graph per step on a GPU; trees without the prompt-lookup branch), labelled "... static".
+  (`decode.static`: a CUDA graph per step on a GPU; the same drafts), labelled "... static".
 
 Each generation is timed by the wall clock around the call (after `torch.cuda.synchronize` on a GPU). Forward
 passes of the HF methods are counted with a forward hook on the base model (the prefill counts as one); the

@@ -1,7 +1,7 @@
 """`maskspec tune`: the (k, tree) setting with the most tokens per second on this device, recorded in the adapter's
 config so that decoding uses it when given neither --k nor --tree. With --static every setting is also tried with
-the static step (`decode.static`; its trees have no prompt-lookup branch, so their tau is simulated without it),
-and the choice records whether to use it.
+the static step (`decode.static`: the same drafts, so the same tau, at its own cost per pass), and the choice
+records whether to use it.
 
 tokens/s of a setting = tau / seconds per pass:
 - tau from the acceptance simulation (`bench.acceptance`: exact pass counts of greedy quadratic decoding, chains and
@@ -140,14 +140,12 @@ def run_tune(model: str = "default", adapter: Optional[str] = None, suite: Optio
         console.width = max(console.width, 140)
     hf_logging.set_verbosity_error()
     shapes = [TreeShape(x, t, tree_width) for x in ks for t in trees if t > 0]
-    if static:  # the static step's trees: no prompt-lookup branch
-        shapes += [TreeShape(x, t, tree_width, lookup=False) for x in ks for t in trees if t > 0]
     settings: list[Setting] = [(0, 0, False)] + [(x, t, s) for x in ks for t in trees
                                                  for s in ((False, True) if static else (False,))]
 
-    def shape_of(setting: Setting) -> str:
-        k, t, fixed = setting
-        return f"k{k}-chain" if not t else TreeShape(k, t, tree_width, lookup=not fixed).key
+    def shape_of(setting: Setting) -> str:  # the static step drafts what the usual one does: one simulation
+        k, t, _ = setting
+        return f"k{k}-chain" if not t else TreeShape(k, t, tree_width).key
 
     with PromptProgress("tune", len(prompts) + len(timed)) as progress:
         progress.stage(f"loading model {model!r} with adapter {adapter!r} ({device}, {dtype})")

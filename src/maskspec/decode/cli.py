@@ -29,7 +29,7 @@ def load_for_cli(model: str, adapter: Optional[str], mode: str, dtype: str, devi
 
 
 STATIC_HELP = ("The static step: fixed shapes, one host sync per step, a CUDA graph on a GPU (greedy, modes ar and "
-               "quadratic; trees without the prompt-lookup branch). Default: what the adapter's config recommends "
+               "quadratic, chains and trees). Default: what the adapter's config recommends "
                "for this device, when --k and --tree are not given either.")
 
 

@@ -99,7 +99,7 @@ class Decoder:
     the size the adapter's config recommends for this device, if k is not given either (`steps.resolve_tree`).
 
     `static`: decode with the static step (`decode.static`: fixed shapes, one host sync per step, a CUDA graph on
-    a GPU), greedy, in modes ar and quadratic (chains and trees, without the prompt-lookup branch). It decodes
+    a GPU), greedy, in modes ar and quadratic (chains and trees, drafting what the usual step drafts). It decodes
     one sequence at a time: the others wait in the queue, in order."""
 
     def __init__(self, mtp: "MTPModel", mode: str = "quadratic", k: int | None = None,

@@ -157,11 +157,14 @@ def tree_shape(k: int, tree: int, width: int) -> list[int]:
 class StaticStep:
     """The static step of one greedy sequence with k drafts (0: mode ar) in KV storage of `capacity` positions:
     a chain, or with `tree` > 0 a draft tree of that many nodes, `width` per depth (`tree_shape`), grown as
-    `drafters.grow_trees` grows one (the chain's continuation first, then by path probability) but without the
-    prompt-lookup branch. `prefill(prompt)` starts a sequence (eagerly; returns the first token), then each
-    `step()` returns (drafts accepted, the tokens it adds: those drafts and the token after them)."""
+    `drafters.grow_trees` grows one (the chain's continuation first, then by path probability), plus with `lookup`
+    the prompt-lookup branch merged in as `TreeDrafter` merges it (k more node slots; a slot whose token an
+    existing node already holds, or past the branch's end, is left out). `prefill(prompt)` starts a sequence
+    (eagerly; returns the first token), then each `step()` returns (drafts accepted, the tokens it adds: those
+    drafts and the token after them)."""
 
-    def __init__(self, mtp: "MTPModel", k: int, capacity: int, tree: int = 0, width: int = 2) -> None:
+    def __init__(self, mtp: "MTPModel", k: int, capacity: int, tree: int = 0, width: int = 2,
+                 lookup: bool = True) -> None:
         if not 0 <= k <= mtp.k:
             raise UsageError(f"k must be in 0..{mtp.k} (the adapter's k), got {k}")
         if tree < 0 or width < 1 or (tree and not k):
@@ -169,22 +172,37 @@ class StaticStep:
                              f"width={width}")
         self.mtp, self.k, self.capacity, self.tree = mtp, k, capacity, tree
         self.width = width if tree else 1
+        self.lookup = bool(lookup and tree)
         device = mtp.device
         self.counts = tree_shape(k, tree, width)
         self.starts = [1 + sum(self.counts[:d]) for d in range(len(self.counts))]  # first node of each depth
-        self.nodes = 1 + sum(self.counts)  # y0 and the drafts
+        self.lookup_start = 1 + sum(self.counts)  # the lookup branch's slots: one per depth 1..k
+        self.nodes = self.lookup_start + (k if self.lookup else 0)  # y0, the sampler's nodes, the lookup slots
+        self.depths = k if self.lookup else len(self.counts)
         depth_of = [0] + [d + 1 for d, c in enumerate(self.counts) for _ in range(c)]
+        # Each node's parent (y0: itself); the first node of each depth is the chain's; lookup slots in a chain.
+        parents = [0] + [self.starts[d - 2] if d > 1 else 0 for d in depth_of[1:]]
+        if self.lookup:
+            parents += [0] + [self.lookup_start + j for j in range(k - 1)]
         self.cache = StepCache(mtp.model.config.get_text_config().num_hidden_layers, capacity)
         self.length = torch.zeros((), dtype=torch.long, device=device)  # valid KV entries
         self.tokens = torch.zeros(self.nodes, dtype=torch.long, device=device)  # [y0, the drafts by depth]
-        # Each node's parent (y0: itself); the first node of each depth is the chain's.
-        self.parents = torch.tensor([0] + [self.starts[d - 2] if d > 1 else 0 for d in depth_of[1:]],
-                                    dtype=torch.long, device=device)
-        self.out = torch.zeros(len(self.counts) + 2, dtype=torch.long, device=device)  # [accepted, tokens...]
+        self.parents = torch.tensor(parents, dtype=torch.long, device=device)
+        # The context (prompt and output, y0 last: length + 1 tokens) that prompt lookup searches.
+        self.context = torch.zeros(capacity + self.depths + 2, dtype=torch.long, device=device)
+        self.out = torch.zeros(self.depths + 2, dtype=torch.long, device=device)  # [accepted, tokens...]
         self._columns = torch.arange(capacity, device=device)
-        self._slots = torch.arange(len(self.counts) + 1, device=device)
+        self._context_columns = torch.arange(self.context.numel(), device=device)
+        self._slots = torch.arange(self.depths + 1, device=device)
         self._eye = torch.eye(self.nodes, dtype=torch.bool, device=device)
+        self._node_ids = torch.arange(self.nodes, device=device)
         self._depth_nodes = [torch.arange(s, s + c, device=device) for s, c in zip(self.starts, self.counts)]
+        # verification's candidates per depth: the sampler's nodes there and the lookup slot
+        self._candidates = []
+        for d in range(self.depths):
+            ids = list(range(self.starts[d], self.starts[d] + self.counts[d])) if d < len(self.counts) else []
+            self._candidates.append(torch.tensor(ids + ([self.lookup_start + d] if self.lookup else []),
+                                                 dtype=torch.long, device=device))
         if k:
             layout = build_layout(self.nodes, range(self.nodes), k, normals_first=True,
                                   parents=[-1] + self.parents[1:].tolist(), device=device)
@@ -204,8 +222,8 @@ class StaticStep:
         self._user: weakref.ref | None = None
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.k, self.tree, self.width)
+    def shape(self) -> tuple[int, int, int, bool]:
+        return (self.k, self.tree, self.width, self.lookup)
 
     @property
     def in_use(self) -> bool:
@@ -218,7 +236,8 @@ class StaticStep:
 
     # ------------------------------------------------------------------ public
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
-        return needed_capacity(self.k, prompt_tokens, max_new_tokens, self.tree, self.width) <= self.capacity
+        return needed_capacity(self.k, prompt_tokens, max_new_tokens, self.tree, self.width,
+                               self.lookup) <= self.capacity
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[int]) -> int:
@@ -237,13 +256,15 @@ class StaticStep:
         self.length.zero_()
         hidden = self._pass(rows, ids[rows.normal_index], rows.attention)
         first = self.mtp.head_logits(hidden[count - 1:count]).argmax(dim=-1)  # (1,)
+        self.context[:count] = ids
+        self.context[count:count + 1] = first
+        self.length.fill_(count)
         if self.k:
             tokens, parents = self._grow(hidden.index_select(0, layout.block_rows(count - 1)), first)
             self.tokens.copy_(tokens)
             self.parents.copy_(parents)
         else:
             self.tokens.copy_(first)
-        self.length.fill_(count)
         return int(first)
 
     @torch.inference_mode()
@@ -275,24 +296,27 @@ class StaticStep:
         alive = torch.ones(1, dtype=torch.bool, device=argmax.device)
         accepted = torch.zeros(1, dtype=torch.long, device=argmax.device)
         path = [at]
-        for start, candidates in zip(self.starts, self._depth_nodes):
+        for candidates in self._candidates:
             match = (self.parents[candidates] == at) & (self.tokens[candidates] == argmax.index_select(0, at))
             hit = match.any(dim=0, keepdim=True) & alive
-            at = torch.where(hit, start + match.long().argmax(dim=0, keepdim=True), at)
+            at = torch.where(hit, candidates.index_select(0, match.long().argmax(dim=0, keepdim=True)), at)
             alive = hit
             accepted = accepted + hit.long()
             path.append(at)
         path_nodes = torch.cat(path)  # (depths + 1,): y0, the accepted nodes, then the last one repeated
         bonus = argmax.index_select(0, at)
-        if self.width > 1:  # a tree's path is not a prefix of the step: move its keys and values to follow y0
+        if self.width > 1 or self.lookup:  # the path is not a prefix of the step: move its keys and values
             self._keep_path(path_nodes)
-        new_tokens, new_parents = self._grow(hidden.index_select(0, self._blocks.index_select(0, at)[0]), bonus)
-        self.out[:1].copy_(accepted)
+        latents = hidden.index_select(0, self._blocks.index_select(0, at)[0])
         path_tokens = self.tokens.index_select(0, path_nodes[1:])
-        self.out[1:].copy_(torch.where(self._slots < accepted, torch.cat([path_tokens, bonus]), bonus))
+        emitted = torch.where(self._slots < accepted, torch.cat([path_tokens, bonus]), bonus)
+        self.out[:1].copy_(accepted)
+        self.out[1:].copy_(emitted)
+        self.context.index_copy_(0, self.length + 1 + self._slots, emitted)  # y0 was at length
+        self.length.add_(accepted[0] + 1)
+        new_tokens, new_parents = self._grow(latents, bonus)
         self.tokens.copy_(new_tokens)
         self.parents.copy_(new_parents)
-        self.length.add_(accepted[0] + 1)
 
     def _step_attention(self) -> torch.Tensor:
         """The attention among a step's rows: fixed for a chain; for a tree, rows see the keys on their head's
@@ -300,7 +324,7 @@ class StaticStep:
         if self.width == 1:
             return self._rows.attention
         ancestor = self._eye
-        for _ in self.counts:  # depth d needs d rounds
+        for _ in range(self.depths):  # depth d needs d rounds
             ancestor = self._eye | ancestor.index_select(0, self.parents)
         head = self._rows.head
         on_path = ancestor.index_select(0, head).index_select(1, head)
@@ -358,7 +382,54 @@ class StaticStep:
             frontier_nodes = self._depth_nodes[depth]
             tokens.append(frontier)
             parents.append(chosen_parent)
-        return torch.cat(tokens), torch.cat(parents)
+        tokens_t, parents_t = torch.cat(tokens), torch.cat(parents)
+        if not self.lookup:
+            return tokens_t, parents_t
+        return self._merge_lookup(tokens_t, parents_t)
+
+    def _lookup_branch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`drafters.prompt_lookup` of the context (length + 1 tokens) on the device: the k tokens that followed
+        the latest earlier occurrence of its last 3 (else 2, else 1) tokens, and which of them exist."""
+        size, count = self.context.numel(), self.length + 1
+        columns = self._context_columns
+        found = torch.zeros(1, dtype=torch.bool, device=columns.device)
+        follow_at = torch.zeros(1, dtype=torch.long, device=columns.device)
+        for n in (3, 2, 1):
+            match = (columns <= count - n - 1) & (count - 1 >= n)  # starts of an earlier occurrence
+            for i in range(n):
+                tail = self.context.index_select(0, (count - n + i).clamp(min=0).reshape(1))
+                shifted = self.context.index_select(0, (columns + i).clamp(max=size - 1))
+                match = match & (shifted == tail)
+            latest = torch.where(match, columns, -1).amax(dim=0, keepdim=True)
+            new = ~found & (latest >= 0)
+            follow_at = torch.where(new, latest + n, follow_at)
+            found = found | new
+        index = follow_at + self._slots[:self.k]
+        valid = found & (index < count)
+        return self.context.index_select(0, index.clamp(max=size - 1)), valid
+
+    def _merge_lookup(self, tokens: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lookup branch merged into the sampler's tree as `drafters.merge_branch` merges it: along the nodes
+        it shares with the tree, then in its own slots; a slot it does not use hangs off itself (a node no path
+        reaches) with y0's token."""
+        branch, valid = self._lookup_branch()
+        at = torch.zeros(1, dtype=torch.long, device=tokens.device)
+        slot_tokens, slot_parents = [], []
+        for j in range(self.k):
+            token, exists = branch[j:j + 1], valid[j:j + 1]
+            slot = self.lookup_start + j
+            if j < len(self.counts):  # a sampler node at this depth holding the token after `at`
+                nodes = self._depth_nodes[j]
+                shared = (parents.index_select(0, nodes) == at) & (tokens.index_select(0, nodes) == token)
+                reuse = shared.any(dim=0, keepdim=True)
+                node = nodes.index_select(0, shared.long().argmax(dim=0, keepdim=True))
+            else:
+                reuse, node = torch.zeros_like(exists), at
+            used = exists & ~reuse
+            slot_tokens.append(torch.where(used, token, tokens[:1]))
+            slot_parents.append(torch.where(used, at, self._node_ids[slot:slot + 1]))
+            at = torch.where(reuse, node, self._node_ids[slot:slot + 1])
+        return torch.cat([tokens] + slot_tokens), torch.cat([parents] + slot_parents)
 
     # ------------------------------------------------------------------ CUDA graph
     def _capture(self) -> bool:
@@ -395,15 +466,18 @@ class StaticStep:
             return False
 
 
-def step_rows(k: int, tree: int = 0, width: int = 2) -> int:
-    """Rows of one static step: y0 and every draft node, each with a block of k masks (1 in mode ar)."""
-    return (1 + sum(tree_shape(k, tree, width))) * (k + 1) if k else 1
+def step_rows(k: int, tree: int = 0, width: int = 2, lookup: bool = True) -> int:
+    """Rows of one static step: y0 and every draft node (a tree's lookup slots too), each with a block of k masks
+    (1 in mode ar)."""
+    nodes = 1 + sum(tree_shape(k, tree, width)) + (k if lookup and tree else 0)
+    return nodes * (k + 1) if k else 1
 
 
-def needed_capacity(k: int, prompt_tokens: int, max_new_tokens: int, tree: int = 0, width: int = 2) -> int:
+def needed_capacity(k: int, prompt_tokens: int, max_new_tokens: int, tree: int = 0, width: int = 2,
+                    lookup: bool = True) -> int:
     """KV positions a sequence needs: its prompt and budget, plus one step's rows (or the prefill's mask block),
     rounded up to a multiple of CAPACITY_STEP."""
-    need = prompt_tokens + max_new_tokens + max(step_rows(k, tree, width), k + 1)
+    need = prompt_tokens + max_new_tokens + max(step_rows(k, tree, width, lookup), k + 1)
     return -(-need // CAPACITY_STEP) * CAPACITY_STEP
 
 
@@ -417,18 +491,19 @@ _ENGINES: "weakref.WeakKeyDictionary[Any, list[StaticStep]]" = weakref.WeakKeyDi
 
 
 def engine_for(mtp: "MTPModel", k: int, prompt_tokens: int, max_new_tokens: int, user: Any, tree: int = 0,
-               width: int = 2) -> StaticStep:
+               width: int = 2, lookup: bool = True) -> StaticStep:
     """A static engine of the model for (k, tree, width) that fits this sequence, lent to `user` (a decoder) until its
     `_engine` no longer names it: an idle one kept from earlier sequences (its graph already captured) when one
     fits and the model is unchanged, else a new one. Engines that idle and no longer match are dropped."""
     fingerprint = model_fingerprint(mtp)
     kept = [e for e in _ENGINES.setdefault(mtp, []) if e.in_use or e.fingerprint == fingerprint]
-    shape = (k, tree, width if tree else 1)
+    shape = (k, tree, width if tree else 1, bool(lookup and tree))
     engine = next((e for e in kept if e.shape == shape and not e.in_use and e.fits(prompt_tokens, max_new_tokens)),
                   None)
     if engine is None:
         kept = [e for e in kept if e.in_use or e.shape != shape]  # an idle one too small: its memory back
-        engine = StaticStep(mtp, k, needed_capacity(k, prompt_tokens, max_new_tokens, tree, width), tree, width)
+        engine = StaticStep(mtp, k, needed_capacity(k, prompt_tokens, max_new_tokens, tree, width, lookup), tree,
+                            width, lookup)
         kept.append(engine)
     _ENGINES[mtp] = kept
     engine.lend(user)
@@ -437,5 +512,6 @@ def engine_for(mtp: "MTPModel", k: int, prompt_tokens: int, max_new_tokens: int,
 
 def engine_report(mtp: "MTPModel") -> list[dict[str, Any]]:
     """The model's static engines now: k, capacity, whether the step runs as a CUDA graph and why not."""
-    return [{"k": e.k, "tree": e.tree, "capacity": e.capacity, "rows": e.rows, "cuda_graph": e._graph is not None,
+    return [{"k": e.k, "tree": e.tree, "lookup": e.lookup, "capacity": e.capacity, "rows": e.rows,
+             "cuda_graph": e._graph is not None,
              "graph_error": e.graph_error} for e in _ENGINES.get(mtp, [])]
