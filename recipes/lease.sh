@@ -134,7 +134,7 @@ PY
     done
     log "step costs of a Llama-3-8B-shaped model (eager pass and static step)"
     timeout "${STEP_LIMIT:-90}" $PY scripts/step_cost_model.py --shape "${STEP_SHAPE:-llama3-8b}" --device "$DEVICE" \
-      --dtype bf16 --static --out "$OUT/step-costs-8b" > "$OUT/step-costs-8b.log" 2>&1 || log "step costs failed"
+      --dtype bf16 --static --trees 16 --out "$OUT/step-costs-8b" > "$OUT/step-costs-8b.log" 2>&1 || log "step costs failed"
     log "profile of one step, usual vs static"
     timeout "${PROFILE_LIMIT:-60}" $PY scripts/profile_step.py --device "$DEVICE" --k 2,4 --steps 20 \
       --out "$OUT/profile" > "$OUT/profile.log" 2>&1 || log "profile failed"

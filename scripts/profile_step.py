@@ -27,12 +27,12 @@ SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize
          "cudaMemcpyAsync")
 
 
-def steps_of(mtp, k: int, static: bool, steps: int):
+def steps_of(mtp, k: int, static: bool, steps: int, tree: int = 0):
     """A decoder past its prefill, ready for `steps` timed steps (the budget leaves room for them all)."""
     from maskspec.decode.api import prepare_input_ids
     from maskspec.decode.decoder import Decoder
 
-    decoder = Decoder(mtp, mode="quadratic", k=k, tree=0, static=static)
+    decoder = Decoder(mtp, mode="quadratic", k=k, tree=tree, static=static)
     ids = prepare_input_ids(mtp, PROMPT)[0].tolist()
     decoder.add(ids, max_new_tokens=(k + 1) * (steps + 2) + 8, eos_token_ids=[])  # no EOS: every step runs
     decoder.step()  # the prefill
@@ -44,12 +44,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(mtp, k: int, static: bool, steps: int, traces: Path | None) -> dict:
+def measure(mtp, k: int, static: bool, steps: int, traces: Path | None, tree: int = 0) -> dict:
     device = mtp.device
-    warm = steps_of(mtp, k, static, steps)  # first calls (and the static step's capture) happen here
+    warm = steps_of(mtp, k, static, steps, tree)  # first calls (and the static step's capture) happen here
     for _ in range(3):
         warm.step()
-    decoder = steps_of(mtp, k, static, steps)
+    decoder = steps_of(mtp, k, static, steps, tree)
     with decoder.session():
         sync(device)
         start = time.perf_counter()
@@ -57,21 +57,21 @@ def measure(mtp, k: int, static: bool, steps: int, traces: Path | None) -> dict:
             decoder.step()
         sync(device)
         wall_ms = 1000 * (time.perf_counter() - start) / steps
-    decoder = steps_of(mtp, k, static, steps)
+    decoder = steps_of(mtp, k, static, steps, tree)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with decoder.session(), profile(activities=activities) as prof:
         for _ in range(steps):
             decoder.step()
         sync(device)
     if traces is not None:
-        prof.export_chrome_trace(str(traces / f"trace-{'static' if static else 'usual'}-k{k}.json"))
+        prof.export_chrome_trace(str(traces / f"trace-{'static' if static else 'usual'}-k{k}-tree{tree}.json"))
     events = prof.key_averages()
     count = {e.key: e.count for e in events}
     device_total = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1000  # ms, all steps
     host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
     on_device = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:12]
     return {
-        "step": "static" if static else "usual", "k": k, "rows": (k + 1) ** 2, "ms_per_step": wall_ms,
+        "step": "static" if static else "usual", "k": k, "tree": tree, "ms_per_step": wall_ms,
         "device_busy_ms_per_step": device_total / steps if device.type == "cuda" else None,
         "kernel_launches_per_step": sum(count.get(name, 0) for name in LAUNCHES) / steps,
         "host_syncs_per_step": sum(count.get(name, 0) for name in SYNCS) / steps,
@@ -82,17 +82,18 @@ def measure(mtp, k: int, static: bool, steps: int, traces: Path | None) -> dict:
 
 
 def markdown(results: list[dict], header: str) -> str:
-    lines = [header, "", "| step | k | rows | ms per step | device busy ms | kernel launches | syncs (incl. copies) |",
+    lines = [header, "", "| step | k | tree | ms per step | device busy ms | kernel launches | syncs (incl. copies) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         busy = f"{r['device_busy_ms_per_step']:.2f}" if r["device_busy_ms_per_step"] is not None else "-"
-        lines.append(f"| {r['step']} | {r['k']} | {r['rows']} | {r['ms_per_step']:.2f} | {busy} | "
+        lines.append(f"| {r['step']} | {r['k']} | {r['tree']} | {r['ms_per_step']:.2f} | {busy} | "
                      f"{r['kernel_launches_per_step']:.0f} | {r['host_syncs_per_step']:.0f} |")
     for r in results:
         for title, key in (("host", "top_host"), ("device", "top_device")):
             if not r[key]:
                 continue
-            lines += ["", f"Top operators by self {title} time, {r['step']} step, k={r['k']} (ms per step):", "",
+            lines += ["", f"Top operators by self {title} time, {r['step']} step, k={r['k']}, tree={r['tree']} "
+                      "(ms per step):", "",
                       "| operator | calls per step | ms per step |", "|---|---:|---:|"]
             steps = max(1, r.get("steps", 1))
             lines += [f"| `{name[:70]}` | {calls / steps:.1f} | {ms:.3f} |" for name, calls, ms in r[key]]
@@ -106,6 +107,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--k", default="4", help="comma-separated drafts per step")
+    p.add_argument("--tree", type=int, default=0, help="draft-tree size (0: chains)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--traces", action="store_true", help="also write Chrome traces (large)")
@@ -122,14 +124,14 @@ def main() -> None:
     results = []
     for k in (int(x) for x in args.k.split(",")):
         for static in (False, True):
-            result = measure(mtp, k, static, args.steps, args.out if args.traces else None)
+            result = measure(mtp, k, static, args.steps, args.out if args.traces else None, args.tree)
             result["steps"] = args.steps
             results.append(result)
             print(json.dumps({key: v for key, v in result.items() if not key.startswith("top")}), flush=True)
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     header = (f"# One decoding step, usual vs static: {mtp.model_name}, {name}, {dtype}, torch {torch.__version__}, "
               f"{args.steps} steps each (`python scripts/profile_step.py --device {args.device} --dtype {dtype} "
-              f"--k {args.k} --steps {args.steps}`)")
+              f"--k {args.k} --tree {args.tree} --steps {args.steps}`)")
     text = markdown(results, header)
     print(text)
     if args.out is not None:

@@ -82,13 +82,13 @@ def time_pass(mtp, rows_k: int, past: int, repeats: int, warmup: int) -> float:
 
 
 @torch.inference_mode()
-def time_static_step(mtp, k: int, past: int, repeats: int, warmup: int) -> float:
+def time_static_step(mtp, k: int, past: int, repeats: int, warmup: int, tree: int = 0) -> float:
     """ms of one whole static step with k drafts (0: mode ar) after a prompt of `past` tokens, wall clock around
     `StaticStep.step` (graph replay and the read of its result); each step appends its accepted tokens, so the
     cache grows by a few tokens over the repeats."""
-    from maskspec.decode.static import StaticStep
+    from maskspec.decode.static import StaticStep, step_rows
 
-    engine = StaticStep(mtp, k, past + (warmup + repeats + 2) * (k + 1) + (k + 1) ** 2 + 8)
+    engine = StaticStep(mtp, k, past + (warmup + repeats + 2) * (k + 1) + step_rows(k, tree) + 8, tree=tree)
     engine.prefill(torch.randint(3, mtp.vocab_size, (past,)).tolist())
     times = []
     for i in range(warmup + repeats):
@@ -113,6 +113,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--static", action="store_true", help="also time the whole static step at each k")
+    p.add_argument("--trees", default="", help="with --static: draft-tree sizes to time too at each k >= 1 "
+                                               "(width 2, with the lookup slots), e.g. 16")
     p.add_argument("--out", type=Path, default=None, help="folder for step_costs.json and step_costs.md")
     args = p.parse_args()
     ks = sorted({int(x) for x in args.ks.split(",")})
@@ -140,6 +142,16 @@ def main() -> None:
             ratio = f"{static_ms[k] / first:.2f}" if first else "-"
             cells = [f"{t * first / static_ms[k]:.2f}" if first and k else "-" for t in taus]
             lines.append(f"| {k} | {rows[k]} | {static_ms[k]:.2f} | {ratio} | " + " | ".join(cells) + " |")
+        from maskspec.decode.static import step_rows
+
+        for tree in (int(x) for x in args.trees.split(",") if x.strip()):
+            for k in (k for k in ks if k):
+                ms_tree = time_static_step(mtp, k, args.past, args.repeats, args.warmup, tree)
+                static_ms[f"{k}-tree{tree}"] = ms_tree
+                ratio = f"{ms_tree / first:.2f}" if first else "-"
+                cells = [f"{t * first / ms_tree:.2f}" if first else "-" for t in taus]
+                lines.append(f"| {k}, tree {tree} | {step_rows(k, tree)} | {ms_tree:.2f} | {ratio} | "
+                             + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out is not None:
