@@ -3,25 +3,27 @@
 The decoder's usual step (`decoder.Decoder`) builds each step's layout on the host, verifies with Python lists
 and grows the KV cache by concatenation: right for any batch, tree and sampling rule, but on a GPU a step of a
 small model is then bound by the host (kernel launches, `.tolist()` syncs). `StaticStep` is the same step for
-one greedy sequence drafting chains (modes "ar" and "quadratic"), written so that nothing in it depends on
-values read back:
+one greedy sequence (modes "ar" and "quadratic", chains and draft trees), written so that nothing in it depends
+on values read back:
 
-- the rows are fixed per k: [y0, d1..dk] and a block of k masks after each of them, (k + 1)^2 rows
-  (`model.layout`, normals first); mode "ar" is the one row y0;
+- the rows are fixed per shape: y0 and every draft node with a block of k masks after each (`model.layout`,
+  normals first): (k + 1)^2 rows for a chain; a tree has `tree_shape` nodes per depth plus k slots for the
+  prompt-lookup branch, and only its parents (so its attention) change from step to step; mode "ar" is one row;
 - the KV storage is preallocated (`StepCache`, `capacity` positions); a step writes its rows at
-  [length, length + rows), and since the verified tokens are the step's first rows (normals first, a chain),
-  keeping them is only `length += accepted + 1`; the rest is overwritten by the next step;
+  [length, length + rows); a chain's verified tokens are the step's first rows, so keeping them is only
+  `length += accepted + 1`, a tree's path is moved there first; the rest is overwritten by the next step;
 - the attention mask and the positions are built on the device from `length`, a device scalar;
-- verification (the base head's argmax over the normal rows, compared with the drafts) and the next drafts
-  (the sampler chain from the block after the last accepted token) run on the device too;
+- verification (the base head's argmax over the normal rows, walked down the tree's children) and the next
+  drafts (the sampler from the block after the last accepted token; for a tree, the best continuations by path
+  probability and the prompt-lookup branch, searched in a context buffer on the device) run on the device too;
 - the step ends by writing [accepted, emitted tokens] into one small buffer: its `.tolist()` is the step's only
   host sync. The stop rules (EOS, budget, stop strings) then run on the host as for every step.
 
 On CUDA the step is captured once as a CUDA graph and replayed (a failed capture falls back to running it
 eagerly, with a warning); elsewhere it runs eagerly, the same code, which is what the CPU tests check against
-the usual step. Greedy output is the base model's, like every mode. Drafts may differ from the usual step's
-only with a draft vocabulary: the static step drafts over the vocabulary alone, not over each sequence's
-context tokens too (a dynamic shape), which can only lower tau.
+the usual step. Greedy output is the base model's, like every mode, and the drafts are the usual step's, except
+with a draft vocabulary: the static step then drafts over the vocabulary alone, not over each sequence's context
+tokens too (a dynamic shape), which can only lower tau.
 
 Costs and limits: attention always spans `capacity` keys (masked past `length`), which a GPU does not notice
 for a small model but a CPU does; `capacity` is the prompt plus the budget plus one step, rounded up to
