@@ -83,8 +83,8 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
     """The whole benchmark (also callable from Python). Returns the results.json payload plus `out`. `k` None:
     1,2,4,8, keeping those the adapter drafts; an explicit k above the adapter's k is an error. `tree`: the draft
     tree sizes quadratic decoding runs with (comma-separated node budgets; 0 = the chain). `static`: ar and the
-    quadratic chains and trees run with the static step too (greedy only). `time_limit`: seconds after which no new prompt
-    starts (the results cover the prompts done)."""
+    quadratic chains and trees run with the static step too (greedy only). `time_limit`: seconds after which no
+    new prompt starts (the results cover the prompts done)."""
     import torch
     from rich.console import Console
     from transformers.utils import logging as hf_logging
@@ -203,7 +203,8 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
         "model": model, "adapter": adapter_used if adapter_used is not None else
         ("none (untrained)" if drafting else None), "adapter_k": mtp.config.k if drafting else None,
         "suite": str(suite) if suite else "built-in", "domains": list(dict.fromkeys(p.domain for p in prompts)),
-        "n": n, "prompts": len({r.prompt_id for r in records}), "k": ks, "k_skipped": skipped, "modes": mode_list, "trees": trees,
+        "n": n, "prompts": len({r.prompt_id for r in records}), "k": ks, "k_skipped": skipped, "modes": mode_list,
+        "trees": trees,
         "baselines": baseline_list, "methods": [m.label for m in methods], "max_new_tokens": max_new_tokens,
         "temperature": temperature, "repeats": repeats, "device": device,
         "dtype": str(torch_dtype).replace("torch.", ""), "prompt_lookup_tokens": prompt_lookup_tokens,
@@ -281,8 +282,8 @@ def register(app: typer.Typer) -> None:
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots."),
         tree: str = typer.Option("0", "--tree", help="Comma-separated draft tree sizes (node budgets) for quadratic "
                                  "decoding, each run at every --k; 0 = the chain. Example: 0,4,8."),
-        static: bool = typer.Option(False, "--static", help="Also run ar and each quadratic chain and tree with the static "
-                                    "step (fixed shapes, one host sync per step, a CUDA graph on a GPU)."),
+        static: bool = typer.Option(False, "--static", help="Also run ar and each quadratic chain and tree with the "
+                                    "static step (fixed shapes, one host sync per step, a CUDA graph on a GPU)."),
         time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds (from the start, model load "
                                                    "included) after which no new prompt starts; the results cover "
                                                    "the prompts done."),

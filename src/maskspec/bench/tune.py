@@ -209,8 +209,8 @@ def _label(row: dict[str, Any]) -> str:
 
 
 def markdown(rows: Sequence[dict[str, Any]], best: dict[str, Any]) -> str:
-    lines = ["| k | tree | step | tau (simulated) | nodes per step | rows per pass | ms per pass | tokens/s predicted | "
-             "tokens/s measured (timed prompts) |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| k | tree | step | tau (simulated) | nodes per step | rows per pass | ms per pass | "
+             "tokens/s predicted | tokens/s measured (timed prompts) |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mark = " **(chosen)**" if r is best else ""
         step = "static" if r.get("static") else "usual"
