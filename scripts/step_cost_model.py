@@ -101,6 +101,14 @@ def time_static_step(mtp, k: int, past: int, repeats: int, warmup: int, tree: in
     return statistics.median(times)
 
 
+def table_row(label: object, rows: int, ms: float, base: float | None, taus: list[float],
+              drafting: bool = True) -> str:
+    """| label | rows | ms | x the one-row cost | speed-up at each tau (tau x base / ms; only for steps that draft) |"""
+    ratio = f"{ms / base:.2f}" if base else "-"
+    cells = [f"{t * base / ms:.2f}" if base and drafting else "-" for t in taus]
+    return f"| {label} | {rows} | {ms:.2f} | {ratio} | " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -127,10 +135,7 @@ def main() -> None:
     lines = [f"# ms per pass, {args.shape}, {args.device}, {args.dtype}, cache {args.past} tokens", "",
              "| k | rows | ms per pass | x one row | " + " | ".join(f"speed-up at tau {t}" for t in taus) + " |",
              "|---:|---:|---:|---:|" + "---:|" * len(taus)]
-    for k in ks:
-        ratio = f"{ms[k] / base:.2f}" if base else "-"
-        cells = [f"{t * base / ms[k]:.2f}" if base and k else "-" for t in taus]
-        lines.append(f"| {k} | {rows[k]} | {ms[k]:.2f} | {ratio} | " + " | ".join(cells) + " |")
+    lines += [table_row(k, rows[k], ms[k], base, taus, drafting=bool(k)) for k in ks]
     static_ms = {k: time_static_step(mtp, k, args.past, args.repeats, args.warmup) for k in ks} if args.static else {}
     if static_ms:
         first = static_ms[ks[0]] if ks[0] == 0 else None
@@ -138,20 +143,14 @@ def main() -> None:
                   "against the static ar step:", "",
                   "| k | rows | ms per step | x ar step | " + " | ".join(f"speed-up at tau {t}" for t in taus) + " |",
                   "|---:|---:|---:|---:|" + "---:|" * len(taus)]
-        for k in ks:
-            ratio = f"{static_ms[k] / first:.2f}" if first else "-"
-            cells = [f"{t * first / static_ms[k]:.2f}" if first and k else "-" for t in taus]
-            lines.append(f"| {k} | {rows[k]} | {static_ms[k]:.2f} | {ratio} | " + " | ".join(cells) + " |")
+        lines += [table_row(k, rows[k], static_ms[k], first, taus, drafting=bool(k)) for k in ks]
         from maskspec.decode.static import step_rows
 
         for tree in (int(x) for x in args.trees.split(",") if x.strip()):
             for k in (k for k in ks if k):
                 ms_tree = time_static_step(mtp, k, args.past, args.repeats, args.warmup, tree)
                 static_ms[f"{k}-tree{tree}"] = ms_tree
-                ratio = f"{ms_tree / first:.2f}" if first else "-"
-                cells = [f"{t * first / ms_tree:.2f}" if first else "-" for t in taus]
-                lines.append(f"| {k}, tree {tree} | {step_rows(k, tree)} | {ms_tree:.2f} | {ratio} | "
-                             + " | ".join(cells) + " |")
+                lines.append(table_row(f"{k}, tree {tree}", step_rows(k, tree), ms_tree, first, taus))
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out is not None:

@@ -118,9 +118,10 @@ class OracleDrafter:
 
 
 def decode_alone(mtp: MTPModel, prompt: list[int], mode: str, k: int, max_new: int, *, drafter=None, sampling=None,
-                 seed=None, eos=None, tag=0):
-    """One sequence decoded by itself (a batch of one): (the sequence, the tokens each step added)."""
-    decoder = Decoder(mtp, mode=mode, k=k, drafter=drafter)
+                 seed=None, eos=None, tag=0, **decoder_options):
+    """One sequence decoded by itself (a batch of one): (the sequence, the tokens each step added).
+    `decoder_options`: more `Decoder` arguments (tree, tree_width, static)."""
+    decoder = Decoder(mtp, mode=mode, k=k, drafter=drafter, **decoder_options)
     seq = decoder.add(prompt, max_new, sampling=sampling, seed=seed, eos_token_ids=eos, tag=tag)
     chunks = []
     with decoder.session():

@@ -20,12 +20,7 @@ from maskspec.testing import TINY_ARCHITECTURES
 
 
 def decode_static(mtp, prompt, mode, k, max_new, eos=None, tree=0, width=2):
-    decoder = Decoder(mtp, mode=mode, k=k, static=True, tree=tree, tree_width=width)
-    seq = decoder.add(prompt, max_new, eos_token_ids=eos)
-    with decoder.session():
-        while decoder.has_work():
-            decoder.step()
-    return seq
+    return decode_alone(mtp, prompt, mode, k, max_new, eos=eos, static=True, tree=tree, tree_width=width)[0]
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)

@@ -43,6 +43,7 @@ from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
 from maskspec.errors import UsageError
+from maskspec.model.gated_lora import contiguous_span
 from maskspec.model.layout import Layout, build_layout
 
 if TYPE_CHECKING:
@@ -130,9 +131,7 @@ class _Rows:
     @classmethod
     def of_layout(cls, layout: Layout) -> "_Rows":
         gate_rows = layout.mask_rows()
-        span = (int(gate_rows[0]), int(gate_rows[-1]) + 1) if gate_rows.numel() else None
-        if span is not None and span[1] - span[0] != gate_rows.numel():
-            span = None
+        span = contiguous_span(gate_rows)
         return cls(layout.normal_index.clamp(min=0), layout.mask_slot, layout.head,
                    layout.position_ids - layout.past_length, layout.attention[:, layout.past_length:], gate_rows,
                    span)

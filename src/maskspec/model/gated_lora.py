@@ -45,14 +45,15 @@ class GateState:
         contiguous); by default it is found from `rows`, which reads them on the host (a sync on a GPU)."""
         previous = (self.rows, self.span, self.kernel)
         self.rows, self.kernel = rows, kernel
-        self.span = _contiguous_span(rows) if span is FIND_SPAN else span
+        self.span = contiguous_span(rows) if span is FIND_SPAN else span
         try:
             yield
         finally:
             self.rows, self.span, self.kernel = previous
 
 
-def _contiguous_span(rows: torch.Tensor | None) -> tuple[int, int] | None:
+def contiguous_span(rows: torch.Tensor | None) -> tuple[int, int] | None:
+    """(first, last + 1) of increasing row indices when they are contiguous, else None (also for no rows)."""
     if rows is None or rows.numel() == 0:
         return None
     first, last = int(rows[0]), int(rows[-1])
