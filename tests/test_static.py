@@ -54,30 +54,34 @@ def test_static_trees_equal_the_usual_trees(arch):
 
 def test_lookup_on_the_device_equals_prompt_lookup():
     """The device's prompt lookup finds what `drafters.prompt_lookup` finds, on contexts with many repeats (a
-    vocabulary of 5), short ones included; and its merge into the tree gives `merge_branch`'s tree."""
+    vocabulary of 5), short ones included, for 4 slots at once, each with its own context; and its merge into
+    each slot's tree gives `merge_branch`'s tree."""
     mtp = make_tiny_mtp("llama", k=4, seed=1)
-    engine = StaticStep(mtp, 4, 64, tree=5, width=2)
+    engine = StaticStep(mtp, 4, 64, tree=5, width=2, slots=4)
     rng = random.Random(0)
-    for trial in range(200):
-        context = [rng.randrange(5) for _ in range(rng.randint(1, 40))]
+    for trial in range(60):
+        contexts = [[rng.randrange(5) for _ in range(rng.randint(1, 40))] for _ in range(engine.slots)]
         engine.context.zero_()
-        engine.context[:len(context)] = torch.tensor(context)
-        engine.length.fill_(len(context) - 1)  # the context is the cache's tokens and y0
-        branch, valid = engine._lookup_branch()
-        found = branch[valid].tolist()
-        assert found == prompt_lookup(context, 4), (trial, context)
-        # Merge into a random sampler tree of the engine's shape: the live nodes form merge_branch's tree.
-        tokens = torch.tensor([context[-1]] + [rng.randrange(5) for _ in range(engine.lookup_start - 1)])
-        parents = engine.parents[:engine.lookup_start].clone()
+        for slot, context in enumerate(contexts):
+            engine.context[slot, :len(context)] = torch.tensor(context)
+            engine.length[slot] = len(context) - 1  # the context is the cache's tokens and y0
+        branch, valid = engine._lookup_branch(engine.context, engine.length)
+        found = [branch[slot][valid[slot]].tolist() for slot in range(engine.slots)]
+        assert found == [prompt_lookup(context, 4) for context in contexts], (trial, contexts)
+        # Merge into random sampler trees of the engine's shape: the live nodes form merge_branch's trees.
+        tokens = torch.tensor([[c[-1]] + [rng.randrange(5) for _ in range(engine.lookup_start - 1)] for c in contexts])
+        parents = engine.parents[:, :engine.lookup_start].clone()
         for d, nodes in enumerate(engine._depth_nodes[1:], start=1):  # random parents among the depth before
             previous = engine._depth_nodes[d - 1].tolist()
-            parents[nodes] = torch.tensor([rng.choice(previous) for _ in nodes.tolist()])
-        merged_tokens, merged_parents = engine._merge_lookup(tokens, parents)
-        ref_tokens = tokens[1:].tolist()
-        ref_parents = [p - 1 for p in parents[1:].tolist()]
-        merge_branch(ref_tokens, ref_parents, found)
-        assert _paths(merged_tokens.tolist(), merged_parents.tolist()) == _paths([None] + ref_tokens,
-                                                                                [0] + [p + 1 for p in ref_parents])
+            for slot in range(engine.slots):
+                parents[slot, nodes] = torch.tensor([rng.choice(previous) for _ in nodes.tolist()])
+        merged_tokens, merged_parents = engine._merge_lookup(tokens, parents, branch, valid)
+        for slot in range(engine.slots):
+            ref_tokens = tokens[slot, 1:].tolist()
+            ref_parents = [p - 1 for p in parents[slot, 1:].tolist()]
+            merge_branch(ref_tokens, ref_parents, found[slot])
+            assert (_paths(merged_tokens[slot].tolist(), merged_parents[slot].tolist())
+                    == _paths([None] + ref_tokens, [0] + [p + 1 for p in ref_parents])), (trial, slot)
 
 
 def _paths(tokens, parents):
@@ -91,6 +95,75 @@ def _paths(tokens, parents):
         if at == 0:
             paths.add(tuple(reversed(path)))
     return paths
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_static_slots_decode_many_sequences_as_each_alone(arch):
+    """A static decoder with 4 slots and 7 requests of different budgets, some joining later: sequences wait for
+    a free slot, finish at different times (the kept ones move down to the first slots) and each gets the tokens
+    and the forward passes of its own static decoding (HF greedy's tokens), for ar, chains and trees."""
+    mtp = make_tiny_mtp(arch, k=3, seed=4)
+    prompts = make_prompts(7, seed=21, max_len=12)
+    budgets = [20, 4, 20, 1, 9, 15, 6]
+    joins = [0, 0, 0, 0, 1, 4, 9]
+    for mode, k, tree in (("ar", None, 0), ("quadratic", 3, 0), ("quadratic", 3, 5)):
+        alone = [decode_static(mtp, p, mode, k, n, tree=tree) for p, n in zip(prompts, budgets)]
+        decoder = Decoder(mtp, mode=mode, k=k, tree=tree, static=True, static_slots=4)
+        seqs = decoder.generate([dict(prompt_ids=p, max_new_tokens=n) for p, n in zip(prompts, budgets)], joins)
+        for i, (seq, ref) in enumerate(zip(seqs, alone)):
+            assert seq.output == ref.output == hf_greedy_tokens(mtp.model, prompts[i], budgets[i]), (mode, tree, i)
+            assert seq.stats.forward_passes == ref.stats.forward_passes, (mode, tree, i)
+            assert seq.stats.accepted_histogram == ref.stats.accepted_histogram
+        assert decoder.running == [] and decoder._engine is None
+        engine = next(e for e in static._ENGINES[mtp] if e.slots == 4 and e.tree == tree)
+        assert engine.occupied == 0 and not engine.in_use
+
+
+def test_static_slots_step_the_smallest_bucket_and_free_their_slots():
+    mtp = make_tiny_mtp("llama", k=2, seed=1)
+    assert static.slot_buckets(1) == [1] and static.slot_buckets(6) == [1, 2, 4, 6]
+    assert static.slot_buckets(8) == [1, 2, 4, 8]
+    engine = StaticStep(mtp, 2, 256, slots=6)
+    seen = []
+    compute = engine._compute
+    engine._compute = lambda n: (seen.append(n), compute(n))
+    for prompt in make_prompts(3, seed=2):
+        engine.prefill(prompt)
+    lengths = engine.length.tolist()
+    assert len(engine.step()) == 3 and seen == [4]
+    after = engine.length.tolist()
+    assert all(after[i] > lengths[i] for i in range(3)) and after[3:] == [0, 0, 0]  # a free slot stays put
+    engine.keep([2])  # slot 2's sequence moves to slot 0
+    assert engine.occupied == 1 and engine.free == 5 and engine.live.tolist() == [1, 0, 0, 0, 0, 0]
+    engine.step()
+    assert seen == [4, 1]
+    with pytest.raises(ValueError, match="increasing occupied"):
+        engine.keep([0, 3])
+    for prompt in make_prompts(5, seed=3):
+        engine.prefill(prompt)
+    with pytest.raises(UsageError, match="every one of"):
+        engine.prefill([4, 5])
+
+
+def test_a_sequence_too_long_for_the_engine_waits_for_a_larger_one():
+    """The engine is sized for the sequences that start together; a later one that needs more positions waits
+    until they have finished, then gets its own engine: every output exact."""
+    mtp = make_tiny_mtp("llama", k=2, seed=6)
+    short, long_prompt = make_prompts(1, seed=4, max_len=6)[0], make_prompts(1, seed=5, max_len=12)[0]
+    decoder = Decoder(mtp, k=2, static=True, static_slots=2)
+    first = decoder.add(short, 12)
+    decoder.step()  # starts an engine for the short one
+    small = decoder._engine
+    second = decoder.add(long_prompt, static.CAPACITY_STEP)  # needs a larger engine
+    while not first.finished:
+        decoder.step()
+        assert second in decoder.pending or first.finished
+    while decoder.has_work():
+        decoder.step()
+    assert decoder._engine is None
+    assert first.output == hf_greedy_tokens(mtp.model, short, 12)
+    assert second.output == hf_greedy_tokens(mtp.model, long_prompt, static.CAPACITY_STEP)
+    assert max(e.capacity for e in static._ENGINES[mtp]) > small.capacity
 
 
 def test_tree_shapes_and_rows():
@@ -131,18 +204,20 @@ class _RefuseSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("arch,k,tree", [("llama", 3, 0), ("gemma3", 2, 0), ("mistral", 0, 0), ("llama", 3, 5)])
-def test_a_step_reads_nothing_back_until_its_one_sync(arch, k, tree):
-    """Everything a step computes (forward, verification, next drafts, state; a tree's attention and KV moves)
-    runs without a value read back, so on a GPU it can be captured as one graph; the op list proves the forward
-    really ran under the check."""
+@pytest.mark.parametrize("arch,k,tree,slots", [("llama", 3, 0, 1), ("gemma3", 2, 0, 1), ("mistral", 0, 0, 2),
+                                               ("llama", 3, 5, 4), ("llama", 3, 0, 4)])
+def test_a_step_reads_nothing_back_until_its_one_sync(arch, k, tree, slots):
+    """Everything a step computes (forward, verification, next drafts, state; a tree's attention and KV moves;
+    several slots, a free one among them) runs without a value read back, so on a GPU it can be captured as one
+    graph; the op list proves the forward really ran under the check."""
     mtp = make_tiny_mtp(arch, k=max(k, 1), seed=1)
-    engine = StaticStep(mtp, k, needed_capacity(k, 8, 16, tree), tree=tree)
-    engine.prefill(make_prompts(1, seed=9, max_len=8)[0])
+    engine = StaticStep(mtp, k, needed_capacity(k, 8, 16, tree), tree=tree, slots=slots)
+    for prompt in make_prompts(max(1, slots - 1), seed=9, max_len=8):
+        engine.prefill(prompt)
     check = _RefuseSyncs()
     with torch.inference_mode(), check:
-        engine._compute()
-    assert {"scaled_dot_product_attention", "argmax", "index_copy_"} <= check.seen
+        engine._compute(slots)
+    assert {"scaled_dot_product_attention", "argmax", "scatter_"} <= check.seen
 
 
 def test_a_syncing_step_fails_the_check(monkeypatch):
@@ -152,13 +227,13 @@ def test_a_syncing_step_fails_the_check(monkeypatch):
     engine.prefill([5, 6, 7])
     compute = StaticStep._compute
 
-    def with_a_sync(self):
-        compute(self)
-        int(self.length)
+    def with_a_sync(self, n):
+        compute(self, n)
+        int(self.length[0])
 
     monkeypatch.setattr(StaticStep, "_compute", with_a_sync)
     with torch.inference_mode(), _RefuseSyncs(), pytest.raises(AssertionError, match="reads a value back"):
-        engine._compute()
+        engine._compute(1)
 
 
 def test_engines_are_reused_and_never_shared_by_live_decoders():
@@ -224,6 +299,8 @@ def test_static_usage_errors():
         Decoder(mtp, k=2, static=True, drafter=SamplerChain(mtp))
     with pytest.raises(UsageError, match="k must be in"):
         StaticStep(mtp, 3, 256)
+    with pytest.raises(UsageError, match="at least 1 slot"):
+        Decoder(mtp, k=2, static=True, static_slots=0)
 
 
 @pytest.mark.slow
@@ -262,4 +339,4 @@ def test_cuda_graph_step_equals_eager(dtype):
             fixed = decode_static(mtp, prompt, "quadratic", 3, 40, tree=tree)
             assert fixed.output == usual.output
     engines = static._ENGINES[mtp]
-    assert len(engines) == 2 and all(e._graph is not None and e.graph_error is None for e in engines)
+    assert len(engines) == 2 and all(e.captured == [1] and e.graph_error is None for e in engines)

@@ -35,7 +35,7 @@ from transformers import DynamicCache
 
 from maskspec.decode import kv
 from maskspec.decode.drafters import DraftContext, Drafter, DraftProposal, DraftRequest, SamplerChain, TreeDrafter
-from maskspec.decode.static import StaticStep, check_static, engine_for
+from maskspec.decode.static import StaticStep, check_static, engine_for, needed_capacity
 from maskspec.decode.steps import block_heads, drafts_within_budget, layout_parents, resolve_k, resolve_tree
 from maskspec.decode.stopping import FinishReason, Stopping, context_length, plan_budget
 from maskspec.decode.types import GenerationStats
@@ -99,20 +99,24 @@ class Decoder:
     the size the adapter's config recommends for this device, if k is not given either (`steps.resolve_tree`).
 
     `static`: decode with the static step (`decode.static`: fixed shapes, one host sync per step, a CUDA graph on
-    a GPU), greedy, in modes ar and quadratic (chains and trees, drafting what the usual step drafts). It decodes
-    one sequence at a time: the others wait in the queue, in order."""
+    a GPU), greedy, in modes ar and quadratic (chains and trees, drafting what the usual step drafts). Its engine
+    has `static_slots` slots: that many sequences decode together, the others wait in the queue, in order (and so
+    does one that needs more KV positions than the engine holds, until the running ones have finished)."""
 
     def __init__(self, mtp: "MTPModel", mode: str = "quadratic", k: int | None = None,
                  drafter: Drafter | None = None, tree: int | None = None, tree_width: int = 2,
-                 static: bool = False) -> None:
+                 static: bool = False, static_slots: int = 1) -> None:
         self.mtp = mtp
         self.mode = mode
         self.k = resolve_k(mtp, mode, k)
         self.static = static
-        if static:  # one greedy sequence at a time, fixed shapes (`decode.static`)
+        if static:  # greedy sequences in fixed slots, fixed shapes (`decode.static`)
             check_static(mode)
             if drafter is not None:
                 raise UsageError("the static step drafts with the sampler itself: pass no drafter")
+            if static_slots < 1:
+                raise UsageError(f"the static step needs at least 1 slot, got {static_slots}")
+        self.static_slots = static_slots
         self.tree = resolve_tree(mtp, mode, k, tree)
         self.tree_width = tree_width
         self._engine: StaticStep | None = None
@@ -292,41 +296,59 @@ class Decoder:
         return events
 
     def _static_round(self) -> list[StepEvent]:
-        """The static step's turn: a step of the one running sequence, or else the prefill of the next one."""
+        """The static step's turn: a step of the running sequences (one per slot, in slot order), then the prefill
+        of waiting ones into the free slots."""
         self._drop_finished()
+        events: list[StepEvent] = []
         if self.running:
-            s = self.running[0]
-            result = self._isolated(s, self._engine.step)
-            if result is None:
-                events = [StepEvent(s, [], "", True)]
+            try:
+                results = self._engine.step()
+            except Exception as exc:  # the shared pass failed: every sequence in it
+                for s in self.running:
+                    self._fail(s, exc)
+                    events.append(StepEvent(s, [], "", True))
             else:
-                accepted, tokens = result
-                s.stats.forward_passes += 1
-                s.stats.accepted_histogram[accepted] += 1
-                kept, text = self._emit(s, tokens)
-                events = [StepEvent(s, kept, text, s.finished)]
-        elif self.pending:
-            s = self.pending.pop(0)
+                for s, (accepted, tokens) in zip(self.running, results):
+                    s.stats.forward_passes += 1
+                    s.stats.accepted_histogram[accepted] += 1
+                    kept, text = self._emit(s, tokens)
+                    events.append(StepEvent(s, kept, text, s.finished))
+                    if s.finished:
+                        self._close_stats(s)
+            self._drop_finished()
+        events += self._static_admit()
+        self._drop_finished()
+        return events
+
+    def _static_admit(self) -> list[StepEvent]:
+        """Prefill waiting sequences into the engine's free slots, in order. With no engine (nothing running), one
+        is taken that holds the longest of those that can start now."""
+        events = []
+        while self.pending:
+            s = self.pending[0]
+            if self._engine is None:
+                starting = self.pending[:self.static_slots]
+                capacity = max(needed_capacity(self.k, len(p.prompt_ids), p.max_new_tokens, self.tree,
+                                               self.tree_width) for p in starting)
+                self._engine = engine_for(self.mtp, self.k, len(s.prompt_ids), s.max_new_tokens, self, self.tree,
+                                          self.tree_width, slots=self.static_slots, capacity=capacity)
+            elif not self._engine.free or not self._engine.fits(len(s.prompt_ids), s.max_new_tokens):
+                break  # it waits for a free slot, or for the running ones to end (then a larger engine)
+            self.pending.pop(0)
             start = time.perf_counter()
-            first = self._isolated(s, self._static_prefill, s)
+            first = self._isolated(s, self._engine.prefill, s.prompt_ids)
             kept, text = self._emit(s, [first]) if first is not None else ([], "")
             s.stats.forward_passes = 1
             s.stats.prefill_seconds = time.perf_counter() - start
             s.cache_len = len(s.prompt_ids)
-            self.running = [s]
-            events = [StepEvent(s, kept, text, s.finished)]
-        else:
-            return []
-        s = events[0].sequence
-        if s.finished:
-            self._close_stats(s)
-        self._drop_finished()
+            if first is not None:
+                self.running.append(s)  # its slot: the engine fills them in order
+            if s.finished:
+                self._close_stats(s)
+            events.append(StepEvent(s, kept, text, s.finished))
+        if not self.running:
+            self._engine = None
         return events
-
-    def _static_prefill(self, s: DecodingSequence) -> int:
-        self._engine = engine_for(self.mtp, self.k, len(s.prompt_ids), s.max_new_tokens, self, self.tree,
-                                  self.tree_width)
-        return self._engine.prefill(s.prompt_ids)
 
     def _emit(self, s: DecodingSequence, tokens: list[int]) -> tuple[list[int], str]:
         """Record verified tokens under the stop rules; the tokens kept and the text they add."""
@@ -421,9 +443,13 @@ class Decoder:
         if len(keep) == len(self.running):
             return
         self.running = [self.running[b] for b in keep]
+        if self.static:  # the engine's slots follow `running`
+            self._engine.keep(keep)
+            if not keep:
+                self._engine = None  # back to the pool
+            return
         if not keep:
             self.cache = None
-            self._engine = None  # the static engine goes back to the pool
             return
         self.cache = kv.select(self.cache, keep, max(s.cache_len for s in self.running))
 

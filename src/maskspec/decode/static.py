@@ -63,7 +63,9 @@ def check_static(mode: str, greedy: bool = True) -> None:
 
 
 class _StepLayer(CacheLayerMixin):
-    """One layer's preallocated keys and values, (1, heads, capacity, d), written at the owner's positions."""
+    """One layer's preallocated keys and values, (slots, heads, capacity, d). A pass over the slots the owner's
+    `batch` names writes its rows at the owner's `write_positions` (one row of positions per slot) and reads those
+    slots' whole storage."""
 
     is_compileable = True
     is_sliding = False
@@ -73,9 +75,9 @@ class _StepLayer(CacheLayerMixin):
         self._owner = weakref.proxy(owner)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        capacity = self._owner.capacity
-        self.keys = key_states.new_zeros(*key_states.shape[:2], capacity, key_states.shape[-1])
-        self.values = value_states.new_zeros(*value_states.shape[:2], capacity, value_states.shape[-1])
+        shape = (self._owner.slots, key_states.shape[1], self._owner.capacity)
+        self.keys = key_states.new_zeros(*shape, key_states.shape[-1])
+        self.values = value_states.new_zeros(*shape, value_states.shape[-1])
         self.device = key_states.device
         self.is_initialized = True
 
@@ -83,10 +85,11 @@ class _StepLayer(CacheLayerMixin):
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        positions = self._owner.write_positions
-        self.keys.index_copy_(2, positions, key_states)
-        self.values.index_copy_(2, positions, value_states)
-        return self.keys, self.values
+        keys, values = self.keys[self._owner.batch], self.values[self._owner.batch]
+        positions = self._owner.write_positions[:, None, :, None]
+        keys.scatter_(2, positions.expand(-1, keys.shape[1], -1, keys.shape[-1]), key_states)
+        values.scatter_(2, positions.expand(-1, values.shape[1], -1, values.shape[-1]), value_states)
+        return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._owner.capacity, 0
@@ -99,12 +102,14 @@ class _StepLayer(CacheLayerMixin):
 
 
 class StepCache(Cache):
-    """KV storage of `capacity` positions per layer, allocated at the first pass. Each pass writes its rows at
-    `write_positions` (set by the caller before the pass, a device tensor); every layer returns its whole
-    storage, and the attention mask says which positions hold valid keys."""
+    """KV storage of `slots` sequences of `capacity` positions per layer, allocated at the first pass. Each pass
+    runs over the slots `batch` (a slice) names and writes its rows at `write_positions` (slots, rows), set by
+    the caller before the pass; every layer returns those slots' whole storage, and the attention mask says which
+    positions hold valid keys."""
 
-    def __init__(self, num_layers: int, capacity: int) -> None:
-        self.capacity = capacity
+    def __init__(self, num_layers: int, capacity: int, slots: int = 1) -> None:
+        self.capacity, self.slots = capacity, slots
+        self.batch = slice(0, slots)
         self.write_positions: torch.Tensor | None = None
         super().__init__(layers=[_StepLayer(self) for _ in range(num_layers)])
 
@@ -114,7 +119,7 @@ class _Rows:
     """A pass's fixed rows, on the device: which step token each row reads (normal_index), mask_slot, the normal
     token each row hangs off (head), positions relative to the first row's, the attention among the rows
     (rows, rows; for a tree step only its mask-to-mask part, the rest follows the tree's parents) and the gate's
-    rows and span."""
+    rows and span (of one sequence: `gate_of` gives them for several)."""
 
     normal_index: torch.Tensor
     mask_slot: torch.Tensor
@@ -127,6 +132,14 @@ class _Rows:
     @property
     def count(self) -> int:
         return int(self.mask_slot.numel())
+
+    def gate_of(self, sequences: int) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """The flat mask rows of a pass over `sequences` of these rows each, and their span if contiguous."""
+        if sequences == 1:
+            return self.gate_rows, self.gate_span
+        offsets = torch.arange(sequences, device=self.gate_rows.device)[:, None] * self.count
+        rows = (offsets + self.gate_rows[None, :]).reshape(-1)
+        return rows, contiguous_span(rows)
 
     @classmethod
     def of_layout(cls, layout: Layout) -> "_Rows":
@@ -155,23 +168,35 @@ def tree_shape(k: int, tree: int, width: int) -> list[int]:
     return counts
 
 
+def slot_buckets(slots: int) -> list[int]:
+    """The numbers of slots a step runs over: powers of two below `slots`, then `slots` (one CUDA graph each)."""
+    buckets = [1 << i for i in range(slots.bit_length()) if 1 << i < slots]
+    return buckets + [slots]
+
+
 class StaticStep:
-    """The static step of one greedy sequence with k drafts (0: mode ar) in KV storage of `capacity` positions:
-    a chain, or with `tree` > 0 a draft tree of that many nodes, `width` per depth (`tree_shape`), grown as
-    `drafters.grow_trees` grows one (the chain's continuation first, then by path probability), plus with `lookup`
-    the prompt-lookup branch merged in as `TreeDrafter` merges it (k more node slots; a slot whose token an
-    existing node already holds, or past the branch's end, is left out). `prefill(prompt)` starts a sequence
-    (eagerly; returns the first token), then each `step()` returns (drafts accepted, the tokens it adds: those
-    drafts and the token after them)."""
+    """The static step of up to `slots` greedy sequences with k drafts each (0: mode ar), in KV storage of
+    `capacity` positions per sequence: a chain, or with `tree` > 0 a draft tree of that many nodes, `width` per
+    depth (`tree_shape`), grown as `drafters.grow_trees` grows one (the chain's continuation first, then by path
+    probability), plus with `lookup` the prompt-lookup branch merged in as `TreeDrafter` merges it (k more node
+    slots; a slot whose token an existing node already holds, or past the branch's end, is left out).
+
+    Sequences occupy the first `occupied` slots. `prefill(prompt)` starts one in the next free slot (eagerly;
+    returns its first token); each `step()` runs every occupied slot and returns, per slot, (drafts accepted, the
+    tokens it adds: those drafts and the token after them); `keep(slots)` lets the others go, moving the kept
+    ones down so that they stay first. A step runs over the smallest bucket (`slot_buckets`) that holds the
+    occupied slots; the slots past `occupied` in it compute on without effect."""
 
     def __init__(self, mtp: "MTPModel", k: int, capacity: int, tree: int = 0, width: int = 2,
-                 lookup: bool = True) -> None:
+                 lookup: bool = True, slots: int = 1) -> None:
         if not 0 <= k <= mtp.k:
             raise UsageError(f"k must be in 0..{mtp.k} (the adapter's k), got {k}")
         if tree < 0 or width < 1 or (tree and not k):
             raise UsageError(f"a static draft tree needs k >= 1, tree >= 0 and width >= 1; got k={k}, tree={tree}, "
                              f"width={width}")
-        self.mtp, self.k, self.capacity, self.tree = mtp, k, capacity, tree
+        if slots < 1:
+            raise UsageError(f"the static step needs at least 1 slot, got {slots}")
+        self.mtp, self.k, self.capacity, self.tree, self.slots = mtp, k, capacity, tree, slots
         self.width = width if tree else 1
         self.lookup = bool(lookup and tree)
         device = mtp.device
@@ -185,15 +210,19 @@ class StaticStep:
         parents = [0] + [self.starts[d - 2] if d > 1 else 0 for d in depth_of[1:]]
         if self.lookup:
             parents += [0] + [self.lookup_start + j for j in range(k - 1)]
-        self.cache = StepCache(mtp.model.config.get_text_config().num_hidden_layers, capacity)
-        self.length = torch.zeros((), dtype=torch.long, device=device)  # valid KV entries
-        self.tokens = torch.zeros(self.nodes, dtype=torch.long, device=device)  # [y0, the drafts by depth]
-        self.parents = torch.tensor(parents, dtype=torch.long, device=device)
+        self.cache = StepCache(mtp.model.config.get_text_config().num_hidden_layers, capacity, slots)
+        # The state, one row per slot.
+        self.length = torch.zeros(slots, dtype=torch.long, device=device)  # valid KV entries
+        self.live = torch.zeros(slots, dtype=torch.long, device=device)  # 1 where a sequence is: it advances
+        self.tokens = torch.zeros(slots, self.nodes, dtype=torch.long, device=device)  # [y0, the drafts by depth]
+        self.parents = torch.tensor(parents, dtype=torch.long, device=device).repeat(slots, 1)
         # The context (prompt and output, y0 last: length + 1 tokens) that prompt lookup searches.
-        self.context = torch.zeros(capacity + self.depths + 2, dtype=torch.long, device=device)
-        self.out = torch.zeros(self.depths + 2, dtype=torch.long, device=device)  # [accepted, tokens...]
+        self.context = torch.zeros(slots, capacity + self.depths + 2, dtype=torch.long, device=device)
+        self.out = torch.zeros(slots, self.depths + 2, dtype=torch.long, device=device)  # [accepted, tokens...]
+        self.occupied = 0
+        self._lengths = [0] * slots  # `length` as the host knows it (from each step's result)
         self._columns = torch.arange(capacity, device=device)
-        self._context_columns = torch.arange(self.context.numel(), device=device)
+        self._context_columns = torch.arange(self.context.shape[1], device=device)
         self._slots = torch.arange(self.depths + 1, device=device)
         self._eye = torch.eye(self.nodes, dtype=torch.bool, device=device)
         self._node_ids = torch.arange(self.nodes, device=device)
@@ -206,7 +235,7 @@ class StaticStep:
                                                  dtype=torch.long, device=device))
         if k:
             layout = build_layout(self.nodes, range(self.nodes), k, normals_first=True,
-                                  parents=[-1] + self.parents[1:].tolist(), device=device)
+                                  parents=[-1] + parents[1:], device=device)
             self._rows = _Rows.of_layout(layout)
             # (nodes, k): the rows of the block after each node
             self._blocks = torch.stack([layout.block_rows(h) for h in range(self.nodes)])
@@ -216,7 +245,9 @@ class StaticStep:
         else:
             self._rows = _Rows.causal(1, device)
         self.rows = self._rows.count
-        self._graph: Any = None
+        self._gates = {n: self._rows.gate_of(n) for n in slot_buckets(slots)}  # per bucket, made once
+        self._graphs: dict[int, Any] = {}
+        self._graph_pool: Any = None
         self.use_graph = device.type == "cuda"
         self.graph_error: str | None = None  # why capture failed (then the step runs eagerly)
         self.fingerprint = model_fingerprint(mtp)
@@ -235,227 +266,306 @@ class StaticStep:
     def lend(self, user: Any) -> None:
         self._user = weakref.ref(user)
 
+    @property
+    def captured(self) -> list[int]:
+        """The buckets whose step runs as a CUDA graph."""
+        return sorted(self._graphs)
+
     # ------------------------------------------------------------------ public
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
         return needed_capacity(self.k, prompt_tokens, max_new_tokens, self.tree, self.width,
                                self.lookup) <= self.capacity
 
+    @property
+    def free(self) -> int:
+        return self.slots - self.occupied
+
     @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[int]) -> int:
-        """Start a sequence: one eager pass over the prompt (and a mask block after its last token); returns the
-        first new token. The state (y0, drafts, length) is then set for `step`."""
+        """Start a sequence in the next free slot: one eager pass over the prompt (and a mask block after its last
+        token); returns the first new token. The slot's state (y0, drafts, length) is then set for `step`."""
         count = len(prompt_ids)
+        if not self.free:
+            raise UsageError(f"every one of this engine's {self.slots} slots holds a sequence")
         if count + max(self.k, 1) + self.rows > self.capacity:
             raise UsageError(f"a prompt of {count} tokens does not fit this engine's {self.capacity} positions")
-        device = self.mtp.device
+        device, slot = self.mtp.device, self.occupied
         if self.k:
             layout = build_layout(count, [count - 1], self.k, normals_first=True, device=device)
             rows = _Rows.of_layout(layout)
         else:
             rows = _Rows.causal(count, device)
         ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
-        self.length.zero_()
-        hidden = self._pass(rows, ids[rows.normal_index], rows.attention)
-        first = self.mtp.head_logits(hidden[count - 1:count]).argmax(dim=-1)  # (1,)
-        self.context[:count] = ids
-        self.context[count:count + 1] = first
-        self.length.fill_(count)
+        part = slice(slot, slot + 1)
+        length = self.length[part]
+        length.zero_()
+        hidden = self._pass(rows, ids[rows.normal_index][None], rows.attention[None], part, rows.gate_of(1))
+        first = self.mtp.head_logits(hidden[:, count - 1]).argmax(dim=-1)  # (1,)
+        self.context[slot, :count] = ids
+        self.context[slot, count] = first[0]
+        length.fill_(count)
         if self.k:
-            tokens, parents = self._grow(hidden.index_select(0, layout.block_rows(count - 1)), first)
-            self.tokens.copy_(tokens)
-            self.parents.copy_(parents)
+            block = hidden[:, layout.block_rows(count - 1)]  # (1, k, d)
+            tokens, parents = self._grow(block, first[:, None], length, part)
+            self.tokens[part] = tokens
+            self.parents[part] = parents
         else:
-            self.tokens.copy_(first)
+            self.tokens[part] = first[:, None]
+        self._lengths[slot] = count
+        self.live[slot] = 1
+        self.occupied += 1
         return int(first)
 
     @torch.inference_mode()
-    def step(self) -> tuple[int, list[int]]:
-        """One decoding step: (drafts accepted, [those drafts..., the token after them])."""
-        if self._graph is not None:
-            self._graph.replay()
-        elif self.use_graph and self._capture():
-            self._graph.replay()
+    def step(self) -> list[tuple[int, list[int]]]:
+        """One decoding step of every occupied slot: per slot, (drafts accepted, [those drafts..., the token after
+        them])."""
+        if not self.occupied:
+            return []
+        bucket = next(b for b in slot_buckets(self.slots) if b >= self.occupied)
+        graph = self._graphs.get(bucket)
+        if graph is None and self.use_graph and self._capture(bucket):
+            graph = self._graphs[bucket]
+        if graph is not None:
+            graph.replay()
         else:
-            self._compute()
-        values = self.out.tolist()  # the step's one host sync
-        accepted = values[0]
-        return accepted, values[1:accepted + 2]
+            self._compute(bucket)
+        values = self.out[:self.occupied].tolist()  # the step's one host sync
+        results = []
+        for slot, (accepted, *tokens) in enumerate(values):
+            self._lengths[slot] += accepted + 1
+            results.append((accepted, tokens[:accepted + 1]))
+        return results
+
+    @torch.inference_mode()
+    def keep(self, slots: Sequence[int]) -> None:
+        """Keep the sequences in these occupied slots (increasing), moved down to slots 0.. in that order; the
+        others' slots become free."""
+        slots = list(slots)
+        if sorted(set(slots)) != slots or (slots and not 0 <= slots[0] <= slots[-1] < self.occupied):
+            raise ValueError(f"keep needs increasing occupied slots (0..{self.occupied - 1}), got {slots}")
+        for target, source in enumerate(slots):
+            if target != source:
+                self._move(source, target)
+        self.occupied = len(slots)
+        self.live[:self.occupied] = 1
+        self.live[self.occupied:] = 0
+        self.length[self.occupied:] = 0  # a free slot computes from position 0 and stays there
+        for slot in range(self.occupied, self.slots):
+            self._lengths[slot] = 0
+
+    def _move(self, source: int, target: int) -> None:
+        used = self._lengths[source] + 1
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.keys[target, :, :used] = layer.keys[source, :, :used]
+                layer.values[target, :, :used] = layer.values[source, :, :used]
+        for state in (self.length, self.tokens, self.parents, self.context):
+            state[target] = state[source]
+        self._lengths[target] = self._lengths[source]
 
     # ------------------------------------------------------------------ the step, on the device
-    def _compute(self) -> None:
-        """Everything a step does, without reading a value back: forward, verification, next drafts, state."""
+    def _compute(self, n: int) -> None:
+        """Everything a step of the first `n` slots does, without reading a value back: forward, verification,
+        next drafts, state."""
         rows, nodes = self._rows, self.nodes
-        hidden = self._pass(rows, self.tokens[rows.normal_index], self._step_attention())
-        argmax = self.mtp.head_logits(hidden[:nodes]).argmax(dim=-1)  # (nodes,): greedy token after each node
+        part = slice(0, n)
+        length, tokens, parents = self.length[part], self.tokens[part], self.parents[part]
+        hidden = self._pass(rows, tokens[:, rows.normal_index], self._step_attention(parents), part,
+                            self._gates[n])
+        argmax = self.mtp.head_logits(hidden[:, :nodes]).argmax(dim=-1)  # (n, nodes): greedy token after each
+        out, live = self.out[part], self.live[part]
         if not self.k:
-            self.out[1:].copy_(argmax)
-            self.tokens.copy_(argmax)
-            self.length.add_(1)
+            out[:, 1:].copy_(argmax)
+            tokens.copy_(argmax)
+            length.add_(live)
             return
         # Verification: from y0, depth by depth, to the child holding the greedy token (`verify.greedy_tree_path`).
-        at = torch.zeros(1, dtype=torch.long, device=argmax.device)
-        alive = torch.ones(1, dtype=torch.bool, device=argmax.device)
-        accepted = torch.zeros(1, dtype=torch.long, device=argmax.device)
+        at = torch.zeros(n, 1, dtype=torch.long, device=argmax.device)
+        alive = torch.ones(n, 1, dtype=torch.bool, device=argmax.device)
+        accepted = torch.zeros(n, 1, dtype=torch.long, device=argmax.device)
         path = [at]
         for candidates in self._candidates:
-            match = (self.parents[candidates] == at) & (self.tokens[candidates] == argmax.index_select(0, at))
-            hit = match.any(dim=0, keepdim=True) & alive
-            at = torch.where(hit, candidates.index_select(0, match.long().argmax(dim=0, keepdim=True)), at)
+            match = (parents[:, candidates] == at) & (tokens[:, candidates] == argmax.gather(1, at))
+            hit = match.any(dim=1, keepdim=True) & alive
+            at = torch.where(hit, candidates[match.long().argmax(dim=1, keepdim=True)], at)
             alive = hit
             accepted = accepted + hit.long()
             path.append(at)
-        path_nodes = torch.cat(path)  # (depths + 1,): y0, the accepted nodes, then the last one repeated
-        bonus = argmax.index_select(0, at)
+        path_nodes = torch.cat(path, dim=1)  # (n, depths + 1): y0, the accepted nodes, then the last one repeated
+        bonus = argmax.gather(1, at)  # (n, 1)
         if self.width > 1 or self.lookup:  # the path is not a prefix of the step: move its keys and values
-            self._keep_path(path_nodes)
-        latents = hidden.index_select(0, self._blocks.index_select(0, at)[0])
-        path_tokens = self.tokens.index_select(0, path_nodes[1:])
-        emitted = torch.where(self._slots < accepted, torch.cat([path_tokens, bonus]), bonus)
-        self.out[:1].copy_(accepted)
-        self.out[1:].copy_(emitted)
-        self.context.index_copy_(0, self.length + 1 + self._slots, emitted)  # y0 was at length
-        self.length.add_(accepted[0] + 1)
-        new_tokens, new_parents = self._grow(latents, bonus)
-        self.tokens.copy_(new_tokens)
-        self.parents.copy_(new_parents)
+            self._keep_path(path_nodes, length, part)
+        block = self._blocks[at[:, 0]]  # (n, k): the rows of the block after the last accepted node
+        latents = hidden.gather(1, block[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        path_tokens = tokens.gather(1, path_nodes[:, 1:])
+        emitted = torch.where(self._slots[None, :] < accepted, torch.cat([path_tokens, bonus], dim=1), bonus)
+        out[:, :1].copy_(accepted)
+        out[:, 1:].copy_(emitted)
+        self.context[part].scatter_(1, length[:, None] + 1 + self._slots[None, :], emitted)  # y0 was at length
+        length.add_((accepted[:, 0] + 1) * live)
+        new_tokens, new_parents = self._grow(latents, bonus, length, part)
+        tokens.copy_(new_tokens)
+        parents.copy_(new_parents)
 
-    def _step_attention(self) -> torch.Tensor:
-        """The attention among a step's rows: fixed for a chain; for a tree, rows see the keys on their head's
-        path (the ancestors from `parents`, built on the device) and their own block's masks up to themselves."""
-        if self.width == 1:
-            return self._rows.attention
-        ancestor = self._eye
+    def _step_attention(self, parents: torch.Tensor) -> torch.Tensor:
+        """The attention among a step's rows, per slot (n, rows, rows): fixed for a chain; for a tree, rows see
+        the keys on their head's path (the ancestors from `parents`, built on the device) and their own block's
+        masks up to themselves."""
+        n = parents.shape[0]
+        if self.width == 1 and not self.lookup:
+            return self._rows.attention[None].expand(n, -1, -1)
+        eye = self._eye[None].expand(n, -1, -1)
+        ancestor = eye
+        index = parents[:, :, None].expand(-1, -1, self.nodes)
         for _ in range(self.depths):  # depth d needs d rounds
-            ancestor = self._eye | ancestor.index_select(0, self.parents)
+            ancestor = eye | ancestor.gather(1, index)
         head = self._rows.head
-        on_path = ancestor.index_select(0, head).index_select(1, head)
+        on_path = ancestor[:, head][:, :, head]
         return (on_path & ~self._key_is_mask) | self._mask_attention
 
-    def _keep_path(self, path_nodes: torch.Tensor) -> None:
-        """KV entries of the accepted path's rows (normals first: row = node) moved to [length, length + depth]."""
-        source = self.length + path_nodes
-        target = self.length + self._slots
+    def _keep_path(self, path_nodes: torch.Tensor, length: torch.Tensor, part: slice) -> None:
+        """KV entries of each slot's accepted path (normals first: row = node) moved to [length, length + depth]."""
+        source = (length[:, None] + path_nodes)[:, None, :, None]
+        target = (length[:, None] + self._slots[None, :])[:, None, :, None]
         for layer in self.cache.layers:
-            layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
-            layer.values.index_copy_(2, target, layer.values.index_select(2, source))
+            for storage in (layer.keys[part], layer.values[part]):
+                shape = (-1, storage.shape[1], -1, storage.shape[-1])
+                storage.scatter_(2, target.expand(*shape), storage.gather(2, source.expand(*shape)))
 
-    def _pass(self, rows: _Rows, token_ids: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-        """One forward pass of `rows` (attention among them: `current`) written at [length, length + rows):
-        hidden states (rows, d)."""
+    def _pass(self, rows: _Rows, token_ids: torch.Tensor, current: torch.Tensor, part: slice,
+              gate: tuple[torch.Tensor, tuple[int, int] | None]) -> torch.Tensor:
+        """One forward pass of `rows` in each slot of `part` (token_ids (n, rows); attention among them: `current`,
+        (n, rows, rows)) written at [length, length + rows) of each slot: hidden states (n, rows, d)."""
         count = rows.count
-        past = self._columns < self.length
-        relative = self._columns - self.length
+        length = self.length[part][:, None]
+        columns = self._columns[None, :]
+        past = columns < length  # (n, capacity)
+        relative = columns - length
         in_step = (relative >= 0) & (relative < count)
         index = relative.clamp(0, count - 1)
-        attention = past[None, :] | (current[:, index] & in_step[None, :])  # (rows, capacity)
-        positions = self.length + rows.offsets
-        key_positions = torch.where(past, self._columns, self.length + rows.offsets[index])
-        self.cache.write_positions = self.length + self._columns[:count]
-        out = self.mtp.forward_rows(token_ids[None], rows.mask_slot[None], positions[None], attention[None],
-                                    key_positions[None], past_key_values=self.cache, use_cache=True,
-                                    mask_rows=(rows.gate_rows, rows.gate_span))
-        return out.hidden[0]
+        step_keys = current.gather(2, index[:, None, :].expand(-1, count, -1))
+        attention = past[:, None, :] | (step_keys & in_step[:, None, :])  # (n, rows, capacity)
+        positions = length + rows.offsets[None, :]
+        key_positions = torch.where(past, columns, length + rows.offsets[index])
+        self.cache.batch = part
+        self.cache.write_positions = length + self._columns[None, :count]
+        n = token_ids.shape[0]
+        out = self.mtp.forward_rows(token_ids, rows.mask_slot[None].expand(n, -1), positions, attention,
+                                    key_positions, past_key_values=self.cache, use_cache=True, mask_rows=gate)
+        return out.hidden
 
-    def _grow(self, latents: torch.Tensor, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next step's nodes from one block's latents (k, d) after the new y0 `prev` (1,): (tokens, parents),
-        y0 first. A chain takes the sampler's argmax at each mask; a tree, at each depth, the `width` best
-        continuations of every node of the depth before, of which the chain's own and then the highest path
-        log-probabilities (as `grow_trees`) fill the depth's places."""
-        tokens, parents = [prev], [torch.zeros(1, dtype=torch.long, device=prev.device)]
-        frontier, frontier_nodes = prev, parents[0]
-        score = torch.zeros(1, device=prev.device)
+    def _grow(self, latents: torch.Tensor, prev: torch.Tensor, length: torch.Tensor,
+              part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each slot's next nodes from one block's latents (n, k, d) after its new y0 `prev` (n, 1): (tokens,
+        parents), (n, nodes), y0 first. A chain takes the sampler's argmax at each mask; a tree, at each depth,
+        the `width` best continuations of every node of the depth before, of which the chain's own and then the
+        highest path log-probabilities (as `grow_trees`) fill the depth's places. `length` (n,) and `part`: for
+        the lookup branch, the slots' lengths and which slots' context."""
+        n = prev.shape[0]
+        tokens = [prev]
+        parents = [torch.zeros(n, 1, dtype=torch.long, device=prev.device)]
+        frontier, frontier_nodes = prev, self._node_ids[:1]
+        score = torch.zeros(n, 1, device=prev.device)
         for depth, count in enumerate(self.counts):
-            logits, ids = self.mtp.draft_logits(frontier, latents[depth:depth + 1].expand(frontier.numel(), -1))
+            size = frontier.shape[1]
+            z = latents[:, depth:depth + 1].expand(-1, size, -1).reshape(n * size, -1)
+            logits, ids = self.mtp.draft_logits(frontier.reshape(-1), z)
+            logits = logits.reshape(n, size, -1)
             if self.width == 1:
-                column = logits.argmax(dim=-1)
-                chosen_parent = frontier_nodes
+                column = logits[:, 0].argmax(dim=-1, keepdim=True)  # (n, 1)
+                chosen_parent = frontier_nodes.expand(n, -1)
             else:
                 logp = torch.log_softmax(logits.float(), dim=-1)
-                top = logp.topk(min(self.width, logp.shape[-1]), dim=-1)
-                path_score = (score[:, None] + top.values).reshape(-1)
+                top = logp.topk(min(self.width, logp.shape[-1]), dim=-1)  # (n, size, width)
+                path_score = (score[:, :, None] + top.values).reshape(n, -1)
                 rank = path_score.clone()
-                rank[0] = float("inf")  # the chain's continuation (the first node's best child) comes first
-                pick = rank.topk(count).indices
-                column = top.indices.reshape(-1).index_select(0, pick)
-                chosen_parent = frontier_nodes.index_select(0, pick // top.indices.shape[1])
-                score = path_score.index_select(0, pick)
-            frontier = column if ids is None else ids.index_select(0, column)
+                rank[:, 0] = float("inf")  # the chain's continuation (the first node's best child) comes first
+                pick = rank.topk(count, dim=1).indices  # (n, count)
+                column = top.indices.reshape(n, -1).gather(1, pick)
+                chosen_parent = frontier_nodes[pick // top.indices.shape[-1]]
+                score = path_score.gather(1, pick)
+            frontier = column if ids is None else ids[column]
             frontier_nodes = self._depth_nodes[depth]
             tokens.append(frontier)
             parents.append(chosen_parent)
-        tokens_t, parents_t = torch.cat(tokens), torch.cat(parents)
+        tokens_t, parents_t = torch.cat(tokens, dim=1), torch.cat(parents, dim=1)
         if not self.lookup:
             return tokens_t, parents_t
-        return self._merge_lookup(tokens_t, parents_t)
+        return self._merge_lookup(tokens_t, parents_t, *self._lookup_branch(self.context[part], length))
 
-    def _lookup_branch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`drafters.prompt_lookup` of the context (length + 1 tokens) on the device: the k tokens that followed
-        the latest earlier occurrence of its last 3 (else 2, else 1) tokens, and which of them exist."""
-        size, count = self.context.numel(), self.length + 1
-        columns = self._context_columns
-        found = torch.zeros(1, dtype=torch.bool, device=columns.device)
-        follow_at = torch.zeros(1, dtype=torch.long, device=columns.device)
-        for n in (3, 2, 1):
-            match = (columns <= count - n - 1) & (count - 1 >= n)  # starts of an earlier occurrence
-            for i in range(n):
-                tail = self.context.index_select(0, (count - n + i).clamp(min=0).reshape(1))
-                shifted = self.context.index_select(0, (columns + i).clamp(max=size - 1))
+    def _lookup_branch(self, context: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`drafters.prompt_lookup` of each slot's context (n, size; `length` (n,) + 1 tokens) on the device: the
+        k tokens that followed the latest earlier occurrence of its last 3 (else 2, else 1) tokens, and which of
+        them exist, (n, k) each."""
+        n, size = context.shape
+        count = length[:, None] + 1
+        columns = self._context_columns[None, :]
+        found = torch.zeros(n, 1, dtype=torch.bool, device=context.device)
+        follow_at = torch.zeros(n, 1, dtype=torch.long, device=context.device)
+        for width in (3, 2, 1):
+            match = (columns <= count - width - 1) & (count - 1 >= width)  # starts of an earlier occurrence
+            for i in range(width):
+                tail = context.gather(1, (count - width + i).clamp(min=0))
+                shifted = context[:, (self._context_columns + i).clamp(max=size - 1)]
                 match = match & (shifted == tail)
-            latest = torch.where(match, columns, -1).amax(dim=0, keepdim=True)
+            latest = torch.where(match, columns, -1).amax(dim=1, keepdim=True)
             new = ~found & (latest >= 0)
-            follow_at = torch.where(new, latest + n, follow_at)
+            follow_at = torch.where(new, latest + width, follow_at)
             found = found | new
-        index = follow_at + self._slots[:self.k]
+        index = follow_at + self._slots[None, :self.k]
         valid = found & (index < count)
-        return self.context.index_select(0, index.clamp(max=size - 1)), valid
+        return context.gather(1, index.clamp(max=size - 1)), valid
 
-    def _merge_lookup(self, tokens: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The lookup branch merged into the sampler's tree as `drafters.merge_branch` merges it: along the nodes
-        it shares with the tree, then in its own slots; a slot it does not use hangs off itself (a node no path
-        reaches) with y0's token."""
-        branch, valid = self._lookup_branch()
-        at = torch.zeros(1, dtype=torch.long, device=tokens.device)
+    def _merge_lookup(self, tokens: torch.Tensor, parents: torch.Tensor, branch: torch.Tensor,
+                      valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each slot's lookup branch (n, k) merged into its sampler tree (n, lookup_start) as
+        `drafters.merge_branch` merges it: along the nodes it shares with the tree, then in its own slots; a slot
+        it does not use hangs off itself (a node no path reaches) with y0's token."""
+        at = torch.zeros(tokens.shape[0], 1, dtype=torch.long, device=tokens.device)
         slot_tokens, slot_parents = [], []
         for j in range(self.k):
-            token, exists = branch[j:j + 1], valid[j:j + 1]
-            slot = self.lookup_start + j
+            token, exists = branch[:, j:j + 1], valid[:, j:j + 1]
+            own = self._node_ids[self.lookup_start + j:self.lookup_start + j + 1]
             if j < len(self.counts):  # a sampler node at this depth holding the token after `at`
                 nodes = self._depth_nodes[j]
-                shared = (parents.index_select(0, nodes) == at) & (tokens.index_select(0, nodes) == token)
-                reuse = shared.any(dim=0, keepdim=True)
-                node = nodes.index_select(0, shared.long().argmax(dim=0, keepdim=True))
+                shared = (parents[:, nodes] == at) & (tokens[:, nodes] == token)
+                reuse = shared.any(dim=1, keepdim=True)
+                node = nodes[shared.long().argmax(dim=1, keepdim=True)]
             else:
                 reuse, node = torch.zeros_like(exists), at
             used = exists & ~reuse
-            slot_tokens.append(torch.where(used, token, tokens[:1]))
-            slot_parents.append(torch.where(used, at, self._node_ids[slot:slot + 1]))
-            at = torch.where(reuse, node, self._node_ids[slot:slot + 1])
-        return torch.cat([tokens] + slot_tokens), torch.cat([parents] + slot_parents)
+            slot_tokens.append(torch.where(used, token, tokens[:, :1]))
+            slot_parents.append(torch.where(used, at, own))
+            at = torch.where(reuse, node, own)
+        return torch.cat([tokens] + slot_tokens, dim=1), torch.cat([parents] + slot_parents, dim=1)
 
     # ------------------------------------------------------------------ CUDA graph
-    def _capture(self) -> bool:
-        """Capture `_compute` as a CUDA graph (after warm-up runs on a side stream); the state is restored after
-        each run, so the real step is still to come. False, with a warning, if capture fails."""
-        saved = (self.length.clone(), self.tokens.clone(), self.parents.clone())
+    def _capture(self, n: int) -> bool:
+        """Capture `_compute(n)` as a CUDA graph (after warm-up runs on a side stream); the state is restored
+        after each run, so the real step is still to come. The buckets' graphs share one memory pool (they never
+        run at once). False, with a warning, if capture fails: every bucket then runs eagerly."""
+        saved = [state.clone() for state in (self.length, self.tokens, self.parents)]
 
         def restore() -> None:
-            self.length.copy_(saved[0])
-            self.tokens.copy_(saved[1])
-            self.parents.copy_(saved[2])
+            for state, copy in zip((self.length, self.tokens, self.parents), saved):
+                state.copy_(copy)
 
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(GRAPH_WARMUP_RUNS):
-                    self._compute()
+                    self._compute(n)
                     restore()
             torch.cuda.current_stream().wait_stream(side)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._compute()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                self._compute(n)
             restore()
-            self._graph = graph
+            self._graphs[n] = graph
             return True
         except Exception as exc:  # the step still runs, eagerly
             torch.cuda.synchronize()
@@ -492,19 +602,20 @@ _ENGINES: "weakref.WeakKeyDictionary[Any, list[StaticStep]]" = weakref.WeakKeyDi
 
 
 def engine_for(mtp: "MTPModel", k: int, prompt_tokens: int, max_new_tokens: int, user: Any, tree: int = 0,
-               width: int = 2, lookup: bool = True) -> StaticStep:
-    """A static engine of the model for (k, tree, width) that fits this sequence, lent to `user` (a decoder) until its
-    `_engine` no longer names it: an idle one kept from earlier sequences (its graph already captured) when one
-    fits and the model is unchanged, else a new one. Engines that idle and no longer match are dropped."""
+               width: int = 2, lookup: bool = True, slots: int = 1, capacity: int = 0) -> StaticStep:
+    """A static engine of the model for (k, tree, width) with `slots` slots that fits this sequence and holds at
+    least `capacity` positions per slot, lent to `user` (a decoder) until its `_engine` no longer names it: an idle
+    one kept from earlier sequences (its graphs already captured) when one fits and the model is unchanged, else a
+    new one. Engines that idle and no longer match are dropped."""
     fingerprint = model_fingerprint(mtp)
     kept = [e for e in _ENGINES.setdefault(mtp, []) if e.in_use or e.fingerprint == fingerprint]
-    shape = (k, tree, width if tree else 1, bool(lookup and tree))
-    engine = next((e for e in kept if e.shape == shape and not e.in_use and e.fits(prompt_tokens, max_new_tokens)),
-                  None)
+    shape = (k, tree, width if tree else 1, bool(lookup and tree), slots)
+    need = max(needed_capacity(k, prompt_tokens, max_new_tokens, tree, width, lookup), capacity)
+    engine = next((e for e in kept if (*e.shape, e.slots) == shape and not e.in_use and e.capacity >= need), None)
     if engine is None:
-        kept = [e for e in kept if e.in_use or e.shape != shape]  # an idle one too small: its memory back
-        engine = StaticStep(mtp, k, needed_capacity(k, prompt_tokens, max_new_tokens, tree, width, lookup), tree,
-                            width, lookup)
+        # an idle one too small: its memory back
+        kept = [e for e in kept if e.in_use or (*e.shape, e.slots) != shape]
+        engine = StaticStep(mtp, k, need, tree, width, lookup, slots)
         kept.append(engine)
     _ENGINES[mtp] = kept
     engine.lend(user)
@@ -512,7 +623,8 @@ def engine_for(mtp: "MTPModel", k: int, prompt_tokens: int, max_new_tokens: int,
 
 
 def engine_report(mtp: "MTPModel") -> list[dict[str, Any]]:
-    """The model's static engines now: k, capacity, whether the step runs as a CUDA graph and why not."""
-    return [{"k": e.k, "tree": e.tree, "lookup": e.lookup, "capacity": e.capacity, "rows": e.rows,
-             "cuda_graph": e._graph is not None,
+    """The model's static engines now: k, tree, slots, capacity, which slot buckets run as CUDA graphs and why
+    not."""
+    return [{"k": e.k, "tree": e.tree, "lookup": e.lookup, "slots": e.slots, "capacity": e.capacity, "rows": e.rows,
+             "cuda_graph": bool(e.captured), "graph_buckets": e.captured,
              "graph_error": e.graph_error} for e in _ENGINES.get(mtp, [])]
