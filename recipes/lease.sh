@@ -140,7 +140,7 @@ PY
       --out "$OUT/profile" > "$OUT/profile.log" 2>&1 || log "profile failed"
     log "server throughput, quadratic vs ar"
     timeout "${LOADTEST_LIMIT:-80}" $PY -m maskspec.serve.loadtest --device "$DEVICE" --dtype bf16 \
-      --clients "${LOADTEST_CLIENTS:-1,4,16,64}" --modes quadratic,ar --max-tokens 64 --max-batch 64 \
+      --clients "${LOADTEST_CLIENTS:-16,1,4,64}" --modes quadratic,ar --static --max-tokens 64 --max-batch 64 \
       --json "$OUT/loadtest.json" > "$OUT/loadtest.log" 2>&1 || log "loadtest failed or ran out of time"
     ;;
   tune)

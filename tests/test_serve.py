@@ -124,6 +124,40 @@ def test_concurrent_clients_equal_single_answers(server):
     assert scheduler.active == [] and not scheduler.waiting
 
 
+def test_static_server_answers_greedy_clients_exactly_and_refuses_sampling(files):
+    """A server on the static step (4 slots): 8 concurrent greedy clients get the usual decoder's answers, a
+    request with temperature > 0 is a one-line 400, and the server goes on serving."""
+    mtp = MTPModel.from_pretrained(str(files / "model"), adapter=str(files / "adapter"), dtype="fp64")
+    n = 8
+    budgets = [6 + 3 * (i % 4) for i in range(n)]
+    refs = [generate(mtp, _messages(i), max_new_tokens=budgets[i]).text for i in range(n)]
+    app, scheduler = build_server(mtp, mode="quadratic", max_batch=4, max_queue=64, max_new_tokens_limit=LIMIT,
+                                  model_name="tiny", static=True)
+    try:
+        with BackgroundServer(app) as url:
+            def ask(i, temperature=0):
+                r = httpx.post(url + "/v1/chat/completions", timeout=300,
+                               json={"model": "tiny", "messages": _messages(i), "max_tokens": budgets[i],
+                                     "temperature": temperature})
+                return r.status_code, r.json()
+
+            with ThreadPoolExecutor(max_workers=n) as pool:
+                results = list(pool.map(ask, range(n)))
+            assert [status for status, _ in results] == [200] * n
+            assert [body["choices"][0]["message"]["content"] for _, body in results] == refs
+            status, body = ask(1, temperature=0.8)
+            assert status == 400 and "greedily" in body["error"]["message"]
+            assert "\n" not in body["error"]["message"]
+            again = ask(2)
+            assert again[0] == 200 and again[1]["choices"][0]["message"]["content"] == refs[2]
+            sizes = scheduler.metrics.batch_size
+            assert sizes.sum > sizes.count  # steps decoded several requests together
+            assert scheduler.decoder.static_slots == 4
+    finally:
+        scheduler.stop()
+    assert scheduler.decoder._engine is None and scheduler.active == []
+
+
 def test_full_queue_answers_429(server):
     url, scheduler, _ = server
     old = scheduler.max_queue

@@ -340,3 +340,19 @@ def test_cuda_graph_step_equals_eager(dtype):
             assert fixed.output == usual.output
     engines = static._ENGINES[mtp]
     assert len(engines) == 2 and all(e.captured == [1] and e.graph_error is None for e in engines)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_slots_equal_each_sequence_alone():
+    """On a GPU, several slots: a graph per slot bucket reached, and every sequence gets its tokens alone."""
+    mtp = make_tiny_mtp("llama", k=3, seed=3, dtype=torch.float32).to("cuda")
+    prompts = make_prompts(6, seed=13)
+    budgets = [30, 8, 30, 3, 20, 12]
+    for tree in (0, 6):
+        alone = [decode_static(mtp, p, "quadratic", 3, n, tree=tree).output for p, n in zip(prompts, budgets)]
+        decoder = Decoder(mtp, k=3, tree=tree, static=True, static_slots=4)
+        seqs = decoder.generate([dict(prompt_ids=p, max_new_tokens=n) for p, n in zip(prompts, budgets)],
+                                [0, 0, 0, 1, 2, 5])
+        assert [s.output for s in seqs] == alone
+        engine = next(e for e in static._ENGINES[mtp] if e.slots == 4 and e.tree == tree)
+        assert engine.graph_error is None and {1, 2, 4} & set(engine.captured)

@@ -3,23 +3,25 @@
 The decoder's usual step (`decoder.Decoder`) builds each step's layout on the host, verifies with Python lists
 and grows the KV cache by concatenation: right for any batch, tree and sampling rule, but on a GPU a step of a
 small model is then bound by the host (kernel launches, `.tolist()` syncs). `StaticStep` is the same step for
-one greedy sequence (modes "ar" and "quadratic", chains and draft trees), written so that nothing in it depends
-on values read back:
+greedy sequences in a fixed number of slots (modes "ar" and "quadratic", chains and draft trees), written so
+that nothing in it depends on values read back:
 
 - the rows are fixed per shape: y0 and every draft node with a block of k masks after each (`model.layout`,
   normals first): (k + 1)^2 rows for a chain; a tree has `tree_shape` nodes per depth plus k slots for the
   prompt-lookup branch, and only its parents (so its attention) change from step to step; mode "ar" is one row;
-- the KV storage is preallocated (`StepCache`, `capacity` positions); a step writes its rows at
+- the KV storage is preallocated (`StepCache`, `capacity` positions per slot); a step writes each slot's rows at
   [length, length + rows); a chain's verified tokens are the step's first rows, so keeping them is only
   `length += accepted + 1`, a tree's path is moved there first; the rest is overwritten by the next step;
-- the attention mask and the positions are built on the device from `length`, a device scalar;
+- the attention mask and the positions are built on the device from `length`, one device entry per slot;
 - verification (the base head's argmax over the normal rows, walked down the tree's children) and the next
   drafts (the sampler from the block after the last accepted token; for a tree, the best continuations by path
   probability and the prompt-lookup branch, searched in a context buffer on the device) run on the device too;
-- the step ends by writing [accepted, emitted tokens] into one small buffer: its `.tolist()` is the step's only
-  host sync. The stop rules (EOS, budget, stop strings) then run on the host as for every step.
+- the step ends by writing each slot's [accepted, emitted tokens] into one small buffer: its `.tolist()` is the
+  step's only host sync. The stop rules (EOS, budget, stop strings) then run on the host as for every step;
+- sequences fill the first slots; a step runs over the smallest bucket of slots (1, 2, 4, ... `slots`) that
+  holds them, and when some finish, the others move down (`keep`), so a half-empty engine runs a small step.
 
-On CUDA the step is captured once as a CUDA graph and replayed (a failed capture falls back to running it
+On CUDA the step is captured as a CUDA graph once per bucket and replayed (a failed capture falls back to running it
 eagerly, with a warning); elsewhere it runs eagerly, the same code, which is what the CPU tests check against
 the usual step. Greedy output is the base model's, like every mode, and the drafts are the usual step's, except
 with a draft vocabulary: the static step then drafts over the vocabulary alone, not over each sequence's context

@@ -230,10 +230,12 @@ class _RequestCounter:
 
 def build_server(mtp: Any, *, mode: str = "quadratic", k: int | None = None, max_batch: int = 8,
                  max_queue: int = 64, max_new_tokens_limit: int = 1024, api_key: str | None = None,
-                 model_name: str | None = None, tree: int | None = None) -> tuple[Any, Scheduler]:
+                 model_name: str | None = None, tree: int | None = None,
+                 static: bool = False) -> tuple[Any, Scheduler]:
     """The ASGI app and its (started) scheduler for a loaded MTPModel (`tree` > 0: draft trees of up to that many
-    nodes; None: the adapter's recommendation, see `Decoder`)."""
-    scheduler = Scheduler(mtp, mode=mode, k=k, max_batch=max_batch, max_queue=max_queue, tree=tree).start()
+    nodes; None: the adapter's recommendation, see `Decoder`; `static`: the static step, greedy requests only)."""
+    scheduler = Scheduler(mtp, mode=mode, k=k, max_batch=max_batch, max_queue=max_queue, tree=tree,
+                          static=static).start()
     config = ServerConfig(model_name=model_name or mtp.model_name, api_key=api_key,
                           max_new_tokens_limit=max_new_tokens_limit,
                           default_max_tokens=min(256, max_new_tokens_limit))

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from maskspec.decode.cli import check_mode, check_tree
+from maskspec.decode.static import check_static
 from maskspec.decode.steps import resolve_k, resolve_tree
 from maskspec.errors import MaskspecError
 
@@ -32,6 +33,9 @@ def register(app: typer.Typer) -> None:
                                            "device when --k is not given either)."),
         k: Optional[int] = typer.Option(None, "--k", help="Drafts per step (default: the k the adapter's config "
                                                           "recommends for this device, else its k)."),
+        static: bool = typer.Option(False, "--static", help="Decode with the static step (fixed shapes, "
+                                    "--max-batch slots, one host sync per step, CUDA graphs on a GPU; modes ar and "
+                                    "quadratic). Greedy only: a request with temperature > 0 gets a 400."),
         dtype: str = typer.Option("fp32", "--dtype"),
         device: str = typer.Option("cpu", "--device"),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
@@ -52,6 +56,8 @@ def register(app: typer.Typer) -> None:
         if threads:
             torch.set_num_threads(threads)
         check_tree(tree, mode)
+        if static:
+            check_static(mode)
         sock = bind_socket(host, port)
         mtp, mode = load_for_cli(model, adapter, mode, dtype, device, k=k)
         drafts = resolve_k(mtp, mode, k)
@@ -61,13 +67,14 @@ def register(app: typer.Typer) -> None:
                         err=True, fg=typer.colors.YELLOW)
         app, scheduler = build_server(mtp, mode=mode, k=k, max_batch=max_batch, max_queue=max_queue,
                                       tree=resolve_tree(mtp, mode, k, tree if mode == "quadratic" else None),
+                                      static=static,
                                       max_new_tokens_limit=max_new_tokens_limit, api_key=api_key,
                                       model_name=os.path.basename(str(model).rstrip("/")) if model != "default"
                                       else mtp.model_name)
         trees = scheduler.decoder.tree
         typer.secho(f"maskspec serve: {mtp.model_name}, mode {mode}"
                     f"{'' if mode == 'ar' else f', k {drafts}'}{f', tree {trees}' if trees else ''}, "
-                    f"max batch {max_batch}, "
+                    f"max batch {max_batch}{', static step (greedy only)' if static else ''}, "
                     f"http://{host}:{port}/v1", err=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
         try:

@@ -1,12 +1,16 @@
 """Throughput benchmark of the server: tokens/s over all clients for several concurrency levels and modes.
 
     python -m maskspec.serve.loadtest [--model default] [--adapter A] [--clients 1,4,16] [--modes quadratic,ar]
+        [--static] [--json FILE]
 
-Each (mode, clients) cell starts the server in-process on a free 127.0.0.1 port (uvicorn in a thread), sends a
-warm-up request, then lets every client send `--requests` greedy chat requests one after the other (distinct
-prompts, up to `--max-tokens` each or EOS). Throughput = completion tokens of all requests / wall time of the
+Each (clients, mode) cell, in that order, starts the server in-process on a free 127.0.0.1 port (uvicorn in a
+thread), sends one warm-up request per client at once (so a static server has captured the step of every batch
+size the cell reaches), then lets every client send `--requests` greedy chat requests one after the other
+(distinct prompts, up to `--max-tokens` each or EOS). Throughput = completion tokens of all requests / wall time of the
 cell. Without --adapter the shipped adapter is used when there is one, else a random adapter (tokens/pass then
-stays near 1: the numbers show the overhead, not the gain, of speculation).
+stays near 1: the numbers show the overhead, not the gain, of speculation). With --static every cell runs again
+with the server's static step (`--max-batch` slots), right after its usual twin. --json is rewritten after every
+cell, so a run stopped early keeps the cells it finished.
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ def load(model: str, adapter: str | None, k: int, dtype: str, device: str) -> tu
     return mtp, f"random adapter (k={k}; none trained/shipped)"
 
 
-def run_cell(mtp: object, mode: str, clients: int, requests: int, max_tokens: int, max_batch: int) -> dict:
+def run_cell(mtp: object, mode: str, clients: int, requests: int, max_tokens: int, max_batch: int,
+             static: bool = False) -> dict:
     from maskspec.serve.app import BackgroundServer, build_server
 
     app, scheduler = build_server(mtp, mode=mode, max_batch=max_batch, max_queue=1024,
-                                  max_new_tokens_limit=max_tokens)
+                                  max_new_tokens_limit=max_tokens, static=static)
     try:
         with BackgroundServer(app) as url:
             def ask(i: int) -> dict:
@@ -52,7 +57,8 @@ def run_cell(mtp: object, mode: str, clients: int, requests: int, max_tokens: in
                 r.raise_for_status()
                 return {**r.json(), "latency_s": time.perf_counter() - sent}
 
-            ask(0)  # warm-up
+            with ThreadPoolExecutor(max_workers=clients) as pool:  # warm-up, as many at once as the cell sends
+                list(pool.map(ask, range(clients)))
             start = time.perf_counter()
             with ThreadPoolExecutor(max_workers=clients) as pool:
                 results = list(pool.map(lambda c: [ask(c * requests + j) for j in range(requests)],
@@ -63,7 +69,8 @@ def run_cell(mtp: object, mode: str, clients: int, requests: int, max_tokens: in
     flat = [r for rs in results for r in rs]
     tokens = sum(r["usage"]["completion_tokens"] for r in flat)
     passes = sum(r["maskspec"]["forward_passes"] for r in flat)
-    return {"mode": mode, "clients": clients, "requests": len(flat), "tokens": tokens, "seconds": round(wall, 2),
+    return {"mode": mode, "static": static, "clients": clients, "requests": len(flat), "tokens": tokens,
+            "seconds": round(wall, 2),
             "tokens_per_second": round(tokens / wall, 2), "tokens_per_pass": round(tokens / passes, 3),
             "mean_latency_s": round(statistics.mean(r["maskspec"]["seconds"] for r in flat), 2),
             "p50_latency_s": round(percentile([r["latency_s"] for r in flat], 50), 3),
@@ -92,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--static", action="store_true", help="also run every cell with the static step")
+    p.add_argument("--json", default=None, help="also write the rows to this file (after every cell)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,21 +109,24 @@ def main(argv: list[str] | None = None) -> None:
           f"max_tokens {args.max_tokens}, {args.requests} request(s) per client, max batch {args.max_batch}",
           flush=True)
     rows = []
-    for mode in args.modes.split(","):
-        for clients in [int(c) for c in args.clients.split(",")]:
-            row = run_cell(mtp, mode, clients, args.requests, args.max_tokens, args.max_batch)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    print("\n| mode | clients | requests | tokens | seconds | tokens/s | tokens/pass | mean decode s | "
+    for clients in [int(c) for c in args.clients.split(",")]:
+        for mode in args.modes.split(","):
+            for static in (False, True) if args.static else (False,):
+                row = run_cell(mtp, mode, clients, args.requests, args.max_tokens, args.max_batch, static)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump({"adapter": adapter_note, "device": args.device, "dtype": args.dtype,
+                                   "max_tokens": args.max_tokens, "max_batch": args.max_batch, "rows": rows}, f,
+                                  indent=2)
+    print("\n| mode | step | clients | requests | tokens | seconds | tokens/s | tokens/pass | mean decode s | "
           "p50 latency s | p99 latency s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['seconds']} | "
-              f"{r['tokens_per_second']} | {r['tokens_per_pass']} | {r['mean_latency_s']} | "
-              f"{r['p50_latency_s']} | {r['p99_latency_s']} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"adapter": adapter_note, "rows": rows}, f, indent=2)
+        print(f"| {r['mode']} | {'static' if r['static'] else 'usual'} | {r['clients']} | {r['requests']} | "
+              f"{r['tokens']} | {r['seconds']} | {r['tokens_per_second']} | {r['tokens_per_pass']} | "
+              f"{r['mean_latency_s']} | {r['p50_latency_s']} | {r['p99_latency_s']} |")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,10 @@ class GenerationRequest:
 
 class Scheduler:
     def __init__(self, mtp: MTPModel, mode: str = "quadratic", k: int | None = None, max_batch: int = 8,
-                 max_queue: int = 64, metrics: ServerMetrics | None = None, tree: int | None = None) -> None:
+                 max_queue: int = 64, metrics: ServerMetrics | None = None, tree: int | None = None,
+                 static: bool = False) -> None:
+        """`static`: decode with the static step (`decode.static`), `max_batch` slots: greedy requests only (one
+        with temperature > 0 is refused with a 400 when admitted)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 0:
@@ -97,8 +100,9 @@ class Scheduler:
         self.mode = mode
         self.k = k
         self.tree = tree
-        self.decoder = Decoder(mtp, mode=mode, k=k, tree=tree)
+        self.static = static
         self.max_batch = max_batch
+        self.decoder = self._new_decoder()
         self.max_queue = max_queue
         self.metrics = metrics or ServerMetrics()
         self.metrics.queue_depth.read = lambda: len(self.waiting)
@@ -205,11 +209,15 @@ class Scheduler:
             self._session.close()
             with self.cond:
                 failed, self.active = self.active, []
-                self.decoder = Decoder(self.mtp, mode=self.mode, k=self.k, tree=self.tree)
+                self.decoder = self._new_decoder()
             for req in failed:
                 self.metrics.finished.inc(1, "error")
                 req.deliver(Failure(f"decoding failed: {type(exc).__name__}: {exc}"))
         return True
+
+    def _new_decoder(self) -> Decoder:
+        return Decoder(self.mtp, mode=self.mode, k=self.k, tree=self.tree, static=self.static,
+                       static_slots=self.max_batch)
 
     def _has_work(self) -> bool:
         return bool(self.active) or (bool(self.waiting) and not self._paused)
