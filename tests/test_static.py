@@ -141,8 +141,30 @@ def test_static_slots_step_the_smallest_bucket_and_free_their_slots():
         engine.keep([0, 3])
     for prompt in make_prompts(5, seed=3):
         engine.prefill(prompt)
-    with pytest.raises(UsageError, match="every one of"):
+    with pytest.raises(UsageError, match="0 of this engine.s 6 slots are free"):
         engine.prefill([4, 5])
+
+
+@pytest.mark.parametrize("k,tree", [(0, 0), (3, 0), (3, 5)])
+def test_prefill_of_several_prompts_equals_each_alone(k, tree):
+    """One padded prefill pass over prompts of different lengths (repetitive, so the lookup branch finds matches)
+    leaves each slot in the state a prefill of its prompt alone leaves (first token, drafts, tree, context,
+    length), and the step after it emits the same tokens."""
+    mtp = make_tiny_mtp("llama", k=3, seed=8)
+    prompts = [[5, 6, 7] * 4 + [5, 6], [9, 10, 9, 10, 9], list(range(20, 31)), [11, 12, 11]]
+    together = StaticStep(mtp, k, 256, tree=tree, slots=4)
+    firsts = together.prefill_many(prompts)
+    stepped = together.step()
+    for slot, prompt in enumerate(prompts):
+        alone = StaticStep(mtp, k, 256, tree=tree)
+        assert alone.prefill(prompt) == firsts[slot]
+        assert alone.step() == [stepped[slot]], slot
+        assert alone.tokens[0].tolist() == together.tokens[slot].tolist()
+        assert alone.parents[0].tolist() == together.parents[slot].tolist()
+        assert alone.length.tolist() == together.length[slot:slot + 1].tolist() == [together._lengths[slot]]
+        count = together._lengths[slot] + 1  # the cache's tokens and y0
+        assert together.context[slot, :count].tolist() == alone.context[0, :count].tolist()
+        assert together.context[slot, :len(prompt) + 1].tolist() == prompt + [firsts[slot]]
 
 
 def test_a_sequence_too_long_for_the_engine_waits_for_a_larger_one():

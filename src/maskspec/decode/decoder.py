@@ -321,32 +321,45 @@ class Decoder:
         return events
 
     def _static_admit(self) -> list[StepEvent]:
-        """Prefill waiting sequences into the engine's free slots, in order. With no engine (nothing running), one
-        is taken that holds the longest of those that can start now."""
+        """Prefill waiting sequences into the engine's free slots, in order, in one pass. With no engine (nothing
+        running), one is taken that holds the longest of those that can start now."""
+        if not self.pending:
+            return []
+        if self._engine is None:
+            starting = self.pending[:self.static_slots]
+            capacity = max(needed_capacity(self.k, len(p.prompt_ids), p.max_new_tokens, self.tree, self.tree_width)
+                           for p in starting)
+            s = starting[0]
+            self._engine = engine_for(self.mtp, self.k, len(s.prompt_ids), s.max_new_tokens, self, self.tree,
+                                      self.tree_width, slots=self.static_slots, capacity=capacity)
+        engine, starting = self._engine, []
+        for s in self.pending:  # in order: one that does not fit waits for the running ones to end (a larger engine)
+            if len(starting) == engine.free or not engine.fits(len(s.prompt_ids), s.max_new_tokens):
+                break
+            starting.append(s)
+        del self.pending[:len(starting)]
         events = []
-        while self.pending:
-            s = self.pending[0]
-            if self._engine is None:
-                starting = self.pending[:self.static_slots]
-                capacity = max(needed_capacity(self.k, len(p.prompt_ids), p.max_new_tokens, self.tree,
-                                               self.tree_width) for p in starting)
-                self._engine = engine_for(self.mtp, self.k, len(s.prompt_ids), s.max_new_tokens, self, self.tree,
-                                          self.tree_width, slots=self.static_slots, capacity=capacity)
-            elif not self._engine.free or not self._engine.fits(len(s.prompt_ids), s.max_new_tokens):
-                break  # it waits for a free slot, or for the running ones to end (then a larger engine)
-            self.pending.pop(0)
+        if starting:
             start = time.perf_counter()
-            first = self._isolated(s, self._engine.prefill, s.prompt_ids)
-            kept, text = self._emit(s, [first]) if first is not None else ([], "")
-            s.stats.forward_passes = 1
-            s.stats.prefill_seconds = time.perf_counter() - start
-            s.cache_len = len(s.prompt_ids)
-            if first is not None:
-                self.running.append(s)  # its slot: the engine fills them in order
-            if s.finished:
-                self._close_stats(s)
-            events.append(StepEvent(s, kept, text, s.finished))
+            try:
+                firsts: list[int | None] = engine.prefill_many([s.prompt_ids for s in starting])
+            except Exception as exc:  # the shared pass failed: every sequence in it
+                for s in starting:
+                    self._fail(s, exc)
+                firsts = [None] * len(starting)
+            elapsed = time.perf_counter() - start
+            for s, first in zip(starting, firsts):
+                kept, text = self._emit(s, [first]) if first is not None else ([], "")
+                s.stats.forward_passes = 1
+                s.stats.prefill_seconds = elapsed
+                s.cache_len = len(s.prompt_ids)
+                if first is not None:
+                    self.running.append(s)  # its slot: the engine fills them in order
+                if s.finished:
+                    self._close_stats(s)
+                events.append(StepEvent(s, kept, text, s.finished))
         if not self.running:
+            engine.keep([])
             self._engine = None
         return events
 

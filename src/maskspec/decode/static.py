@@ -46,7 +46,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from maskspec.errors import UsageError
 from maskspec.model.gated_lora import contiguous_span
-from maskspec.model.layout import Layout, build_layout
+from maskspec.model.layout import Layout, build_layout, pad_rows_attention
 
 if TYPE_CHECKING:
     from maskspec.model.mtp import MTPModel
@@ -183,8 +183,8 @@ class StaticStep:
     probability), plus with `lookup` the prompt-lookup branch merged in as `TreeDrafter` merges it (k more node
     slots; a slot whose token an existing node already holds, or past the branch's end, is left out).
 
-    Sequences occupy the first `occupied` slots. `prefill(prompt)` starts one in the next free slot (eagerly;
-    returns its first token); each `step()` runs every occupied slot and returns, per slot, (drafts accepted, the
+    Sequences occupy the first `occupied` slots. `prefill_many(prompts)` starts some in the next free slots (one
+    eager pass; returns their first tokens); each `step()` runs every occupied slot and returns, per slot, (drafts accepted, the
     tokens it adds: those drafts and the token after them); `keep(slots)` lets the others go, moving the kept
     ones down so that they stay first. A step runs over the smallest bucket (`slot_buckets`) that holds the
     occupied slots; the slots past `occupied` in it compute on without effect."""
@@ -282,41 +282,71 @@ class StaticStep:
     def free(self) -> int:
         return self.slots - self.occupied
 
-    @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[int]) -> int:
-        """Start a sequence in the next free slot: one eager pass over the prompt (and a mask block after its last
-        token); returns the first new token. The slot's state (y0, drafts, length) is then set for `step`."""
-        count = len(prompt_ids)
-        if not self.free:
-            raise UsageError(f"every one of this engine's {self.slots} slots holds a sequence")
-        if count + max(self.k, 1) + self.rows > self.capacity:
-            raise UsageError(f"a prompt of {count} tokens does not fit this engine's {self.capacity} positions")
-        device, slot = self.mtp.device, self.occupied
+        """Start one sequence in the next free slot (`prefill_many` of one); returns its first new token."""
+        return self.prefill_many([prompt_ids])[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        """Start sequences in the next free slots, in order: one eager pass over their prompts (each with a mask
+        block after its last token; rows right-padded to the longest, a pad row sees only itself); returns their
+        first new tokens. Each slot's state (y0, drafts, length) is then set for `step`."""
+        if len(prompts) > self.free:
+            raise UsageError(f"cannot start {len(prompts)} more sequence(s): {self.free} of this engine's "
+                             f"{self.slots} slots are free")
+        for prompt in prompts:
+            if not prompt or len(prompt) + max(self.k, 1) + self.rows > self.capacity:
+                raise UsageError(f"a prompt of {len(prompt)} tokens does not fit this engine's {self.capacity} "
+                                 "positions")
+        if not prompts:
+            return []
+        device, m = self.mtp.device, len(prompts)
+        part = slice(self.occupied, self.occupied + m)
         if self.k:
-            layout = build_layout(count, [count - 1], self.k, normals_first=True, device=device)
-            rows = _Rows.of_layout(layout)
+            layouts = [build_layout(len(p), [len(p) - 1], self.k, normals_first=True, device=device) for p in prompts]
+            each = [_Rows.of_layout(layout) for layout in layouts]
         else:
-            rows = _Rows.causal(count, device)
-        ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
-        part = slice(slot, slot + 1)
+            each = [_Rows.causal(len(p), device) for p in prompts]
+        width = max(rows.count for rows in each)
+        token_ids = torch.zeros(m, width, dtype=torch.long, device=device)
+        mask_slot = torch.full((m, width), -1, dtype=torch.long, device=device)
+        offsets = torch.zeros(m, width, dtype=torch.long, device=device)
+        current = torch.zeros(m, width, width, dtype=torch.bool, device=device)
+        gate_rows = []
+        for b, (prompt, rows) in enumerate(zip(prompts, each)):
+            count = rows.count
+            token_ids[b, :count] = torch.tensor(list(prompt), dtype=torch.long, device=device)[rows.normal_index]
+            mask_slot[b, :count] = rows.mask_slot
+            offsets[b, :count] = rows.offsets
+            offsets[b, count:] = len(prompt)
+            current[b, :count, :count] = rows.attention
+            current[b, count:, count:] = pad_rows_attention(width - count, device)
+            gate_rows.append(rows.gate_rows + b * width)
+        rows_of_masks = torch.cat(gate_rows)
         length = self.length[part]
         length.zero_()
-        hidden = self._pass(rows, ids[rows.normal_index][None], rows.attention[None], part, rows.gate_of(1))
-        first = self.mtp.head_logits(hidden[:, count - 1]).argmax(dim=-1)  # (1,)
-        self.context[slot, :count] = ids
-        self.context[slot, count] = first[0]
-        length.fill_(count)
+        hidden = self._pass(token_ids, mask_slot, offsets, current, part,
+                            (rows_of_masks, contiguous_span(rows_of_masks)))
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+        batch = torch.arange(m, device=device)
+        first = self.mtp.head_logits(hidden[batch, lengths - 1]).argmax(dim=-1)  # (m,)
+        for b, prompt in enumerate(prompts):
+            self.context[part.start + b, :len(prompt)] = token_ids[b, :len(prompt)]  # normals first: the prompt
+        self.context[part].scatter_(1, lengths[:, None], first[:, None])
+        length.copy_(lengths)
         if self.k:
-            block = hidden[:, layout.block_rows(count - 1)]  # (1, k, d)
-            tokens, parents = self._grow(block, first[:, None], length, part)
+            blocks = torch.stack([layout.block_rows(len(p) - 1) for layout, p in zip(layouts, prompts)])  # (m, k)
+            latents = hidden.gather(1, blocks[:, :, None].expand(-1, -1, hidden.shape[-1]))
+            tokens, parents = self._grow(latents, first[:, None], length, part)
             self.tokens[part] = tokens
             self.parents[part] = parents
         else:
             self.tokens[part] = first[:, None]
-        self._lengths[slot] = count
-        self.live[slot] = 1
-        self.occupied += 1
-        return int(first)
+        self.live[part] = 1
+        for b, prompt in enumerate(prompts):
+            self._lengths[part.start + b] = len(prompt)
+        self.occupied += m
+        return first.tolist()
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, list[int]]]:
@@ -373,8 +403,8 @@ class StaticStep:
         rows, nodes = self._rows, self.nodes
         part = slice(0, n)
         length, tokens, parents = self.length[part], self.tokens[part], self.parents[part]
-        hidden = self._pass(rows, tokens[:, rows.normal_index], self._step_attention(parents), part,
-                            self._gates[n])
+        hidden = self._pass(tokens[:, rows.normal_index], rows.mask_slot[None].expand(n, -1),
+                            rows.offsets[None].expand(n, -1), self._step_attention(parents), part, self._gates[n])
         argmax = self.mtp.head_logits(hidden[:, :nodes]).argmax(dim=-1)  # (n, nodes): greedy token after each
         out, live = self.out[part], self.live[part]
         if not self.k:
@@ -435,11 +465,12 @@ class StaticStep:
                 shape = (-1, storage.shape[1], -1, storage.shape[-1])
                 storage.scatter_(2, target.expand(*shape), storage.gather(2, source.expand(*shape)))
 
-    def _pass(self, rows: _Rows, token_ids: torch.Tensor, current: torch.Tensor, part: slice,
-              gate: tuple[torch.Tensor, tuple[int, int] | None]) -> torch.Tensor:
-        """One forward pass of `rows` in each slot of `part` (token_ids (n, rows); attention among them: `current`,
-        (n, rows, rows)) written at [length, length + rows) of each slot: hidden states (n, rows, d)."""
-        count = rows.count
+    def _pass(self, token_ids: torch.Tensor, mask_slot: torch.Tensor, offsets: torch.Tensor, current: torch.Tensor,
+              part: slice, gate: tuple[torch.Tensor, tuple[int, int] | None]) -> torch.Tensor:
+        """One forward pass in each slot of `part` of its rows (token_ids, mask_slot and positions relative to
+        `length`: (n, rows); attention among them: `current`, (n, rows, rows); the gate's flat rows and span),
+        written at [length, length + rows) of each slot: hidden states (n, rows, d)."""
+        count = token_ids.shape[1]
         length = self.length[part][:, None]
         columns = self._columns[None, :]
         past = columns < length  # (n, capacity)
@@ -448,13 +479,12 @@ class StaticStep:
         index = relative.clamp(0, count - 1)
         step_keys = current.gather(2, index[:, None, :].expand(-1, count, -1))
         attention = past[:, None, :] | (step_keys & in_step[:, None, :])  # (n, rows, capacity)
-        positions = length + rows.offsets[None, :]
-        key_positions = torch.where(past, columns, length + rows.offsets[index])
+        positions = length + offsets
+        key_positions = torch.where(past, columns, length + offsets.gather(1, index))
         self.cache.batch = part
         self.cache.write_positions = length + self._columns[None, :count]
-        n = token_ids.shape[0]
-        out = self.mtp.forward_rows(token_ids, rows.mask_slot[None].expand(n, -1), positions, attention,
-                                    key_positions, past_key_values=self.cache, use_cache=True, mask_rows=gate)
+        out = self.mtp.forward_rows(token_ids, mask_slot, positions, attention, key_positions,
+                                    past_key_values=self.cache, use_cache=True, mask_rows=gate)
         return out.hidden
 
     def _grow(self, latents: torch.Tensor, prev: torch.Tensor, length: torch.Tensor,
