@@ -124,9 +124,9 @@ def test_concurrent_clients_equal_single_answers(server):
     assert scheduler.active == [] and not scheduler.waiting
 
 
-def test_static_server_answers_greedy_clients_exactly_and_refuses_sampling(files):
+def test_static_server_answers_greedy_clients_exactly_and_samples_with_the_usual_step(files):
     """A server on the static step (4 slots): 8 concurrent greedy clients get the usual decoder's answers, a
-    request with temperature > 0 is a one-line 400, and the server goes on serving."""
+    request with temperature > 0 gets the usual step's seeded sample, and the server goes on serving."""
     mtp = MTPModel.from_pretrained(str(files / "model"), adapter=str(files / "adapter"), dtype="fp64")
     n = 8
     budgets = [6 + 3 * (i % 4) for i in range(n)]
@@ -138,16 +138,17 @@ def test_static_server_answers_greedy_clients_exactly_and_refuses_sampling(files
             def ask(i, temperature=0):
                 r = httpx.post(url + "/v1/chat/completions", timeout=300,
                                json={"model": "tiny", "messages": _messages(i), "max_tokens": budgets[i],
-                                     "temperature": temperature})
+                                     "temperature": temperature, "seed": 3})
                 return r.status_code, r.json()
 
             with ThreadPoolExecutor(max_workers=n) as pool:
                 results = list(pool.map(ask, range(n)))
             assert [status for status, _ in results] == [200] * n
             assert [body["choices"][0]["message"]["content"] for _, body in results] == refs
-            status, body = ask(1, temperature=0.8)
-            assert status == 400 and "greedily" in body["error"]["message"]
-            assert "\n" not in body["error"]["message"]
+            status, body = ask(1, temperature=0.8)  # sampled: the usual step, the same seeded answer
+            assert status == 200
+            assert body["choices"][0]["message"]["content"] == generate(mtp, _messages(1), max_new_tokens=budgets[1],
+                                                                        temperature=0.8, seed=3).text
             again = ask(2)
             assert again[0] == 200 and again[1]["choices"][0]["message"]["content"] == refs[2]
             sizes = scheduler.metrics.batch_size

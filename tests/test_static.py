@@ -114,7 +114,7 @@ def test_static_slots_decode_many_sequences_as_each_alone(arch):
             assert seq.output == ref.output == hf_greedy_tokens(mtp.model, prompts[i], budgets[i]), (mode, tree, i)
             assert seq.stats.forward_passes == ref.stats.forward_passes, (mode, tree, i)
             assert seq.stats.accepted_histogram == ref.stats.accepted_histogram
-        assert decoder.running == [] and decoder._engine is None
+        assert decoder.static_running == decoder.running == [] and decoder._engine is None
         engine = next(e for e in static._ENGINES[mtp] if e.slots == 4 and e.tree == tree)
         assert engine.occupied == 0 and not engine.in_use
 
@@ -165,6 +165,31 @@ def test_prefill_of_several_prompts_equals_each_alone(k, tree):
         count = together._lengths[slot] + 1  # the cache's tokens and y0
         assert together.context[slot, :count].tolist() == alone.context[0, :count].tolist()
         assert together.context[slot, :len(prompt) + 1].tolist() == prompt + [firsts[slot]]
+
+
+def test_a_static_decoder_samples_with_the_usual_step():
+    """Greedy and sampled sequences in one static decoder: the greedy ones take the engine's slots (HF greedy's
+    tokens), the sampled ones the usual step in a pass of their own (the tokens of the usual decoder with the
+    same seeds), and a step with both runs one pass of each."""
+    mtp = make_tiny_mtp("llama", k=3, seed=9)
+    prompts = make_prompts(5, seed=17)
+    sampled = SamplingConfig(temperature=0.8, top_p=0.9)
+    requests = [dict(prompt_ids=p, max_new_tokens=14, sampling=sampled if i % 2 else None, seed=i)
+                for i, p in enumerate(prompts)]
+    usual = Decoder(mtp, k=3, tree=0).generate(requests)
+    decoder = Decoder(mtp, k=3, tree=0, static=True, static_slots=2)
+    seqs = [decoder.add(**r) for r in requests]
+    passes = []
+    with decoder.session():
+        while decoder.has_work():
+            decoder.step()
+            passes.append((decoder.last_passes, len(decoder.running), len(decoder.static_running)))
+    assert [s.output for s in seqs] == [s.output for s in usual]
+    for i in (0, 2, 4):
+        assert seqs[i].output == hf_greedy_tokens(mtp.model, prompts[i], 14)
+    assert passes[0] == (2, 2, 2)  # the first step prefills both kinds: 2 sampled, 2 greedy in the 2 slots
+    assert (2, 2, 2) in passes[1:] or (2, 2, 1) in passes[1:]  # a step of each kind together
+    assert decoder._engine is None and decoder.static_running == decoder.running == []
 
 
 def test_a_sequence_too_long_for_the_engine_waits_for_a_larger_one():
@@ -312,7 +337,7 @@ def test_stop_rules_apply_to_the_static_step():
 def test_static_usage_errors():
     mtp = make_tiny_mtp("llama", k=2)
     with pytest.raises(UsageError, match="greedily"):
-        Decoder(mtp, k=2, static=True).add([5, 6], 4, sampling=SamplingConfig(temperature=0.7))
+        generate(mtp, [5, 6], max_new_tokens=4, k=2, static=True, temperature=0.7)
     with pytest.raises(UsageError, match="modes ar and quadratic"):
         Decoder(mtp, mode="linear", k=2, static=True)
     with pytest.raises(UsageError, match="k >= 1"):

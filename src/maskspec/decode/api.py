@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from maskspec.decode.decoder import Decoder, DecodingSequence
+from maskspec.decode.static import check_static
 from maskspec.decode.steps import resolve_static
 from maskspec.decode.types import GenerationOutput, GenerationStats
 from maskspec.decode.verify import SamplingConfig
@@ -68,6 +69,8 @@ def start(mtp: MTPModel, prompt: Prompt, *, max_new_tokens: int = 256, mode: str
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     ids = prepare_input_ids(mtp, prompt, chat_template)
     static = resolve_static(mtp, mode, k, tree, static, sampling.greedy)
+    if static:
+        check_static(mode, sampling.greedy)  # asked for by name: it does not sample
     decoder = Decoder(mtp, mode=mode, k=k, tree=tree, static=static)
     seq = decoder.add(ids[0].tolist(), max_new_tokens, sampling=sampling, seed=seed, eos_token_ids=eos_token_ids,
                       stop=list(stop or []))

@@ -98,10 +98,12 @@ class Decoder:
     (default: the sampler chain; with `tree` > 0, draft trees of up to that many nodes, `TreeDrafter`). tree None:
     the size the adapter's config recommends for this device, if k is not given either (`steps.resolve_tree`).
 
-    `static`: decode with the static step (`decode.static`: fixed shapes, one host sync per step, a CUDA graph on
-    a GPU), greedy, in modes ar and quadratic (chains and trees, drafting what the usual step drafts). Its engine
-    has `static_slots` slots: that many sequences decode together, the others wait in the queue, in order (and so
-    does one that needs more KV positions than the engine holds, until the running ones have finished)."""
+    `static`: decode greedy sequences with the static step (`decode.static`: fixed shapes, one host sync per step,
+    a CUDA graph on a GPU), in modes ar and quadratic (chains and trees, drafting what the usual step drafts). Its
+    engine has `static_slots` slots: that many greedy sequences decode together, the others wait in the queue, in
+    order (and so does one that needs more KV positions than the engine holds, until the running ones have
+    finished). Sampled sequences still take the usual step, in a pass of their own (`running`; the static ones
+    are `static_running`)."""
 
     def __init__(self, mtp: "MTPModel", mode: str = "quadratic", k: int | None = None,
                  drafter: Drafter | None = None, tree: int | None = None, tree_width: int = 2,
@@ -123,8 +125,10 @@ class Decoder:
         if drafter is None:
             drafter = TreeDrafter(mtp, self.tree, tree_width) if self.tree else SamplerChain(mtp)
         self.drafter: Drafter = drafter
-        self.running: list[DecodingSequence] = []
+        self.running: list[DecodingSequence] = []  # the usual step's, in the cache's batch order
+        self.static_running: list[DecodingSequence] = []  # the static engine's, in slot order
         self.pending: list[DecodingSequence] = []
+        self.last_passes = 0  # forward passes the last `step` ran
         self.cache: DynamicCache | None = None  # batch order = self.running
         self._ids = itertools.count()
         self._sessions = 0
@@ -143,8 +147,6 @@ class Decoder:
         if stop and not detokenize:
             raise UsageError("stop strings need the text: leave detokenize on")
         sampling = sampling or SamplingConfig()
-        if self.static:
-            check_static(self.mode, sampling.greedy)
         generator = new_generator(sampling, seed, self.mtp.device)
         eos = frozenset(self.mtp.eos_token_ids if eos_token_ids is None else eos_token_ids)
         budget = plan_budget(len(prompt_ids), int(max_new_tokens), self.context_length)
@@ -172,11 +174,16 @@ class Decoder:
         self._drop_finished()  # frees its cache rows now (call between steps)
 
     @property
+    def decoding(self) -> int:
+        """Sequences past their prefill, in either step."""
+        return len(self.running) + len(self.static_running)
+
+    @property
     def active(self) -> int:
-        return len(self.running) + len(self.pending)
+        return self.decoding + len(self.pending)
 
     def has_work(self) -> bool:
-        return any(not s.finished for s in self.running) or bool(self.pending)
+        return any(not s.finished for s in self.running + self.static_running) or bool(self.pending)
 
     @contextmanager
     def session(self) -> Iterator["Decoder"]:
@@ -191,22 +198,37 @@ class Decoder:
 
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
-        """One decoding pass over the running sequences and one prefill pass over the newcomers."""
+        """One decoding pass over the running sequences and one prefill pass over the newcomers (with `static`:
+        a pass of each step that has sequences)."""
         if not self._sessions:
             with self.session():
                 return self.step()
-        if self.static:
-            return self._static_round()
         events: list[StepEvent] = []
+        self.last_passes = 0
         self._drop_finished()
         if self.running:
             events += self._decode_step()
+            self.last_passes += 1
+            self._drop_finished()
+        if self.static_running:
+            events += self._static_step()
+            self.last_passes += 1
+            self._drop_finished()
+        newcomers = [s for s in self.pending if not self._takes_static(s)]
+        if newcomers:
+            self.pending = [s for s in self.pending if self._takes_static(s)]
+            events += self._prefill(newcomers)
+            self.last_passes += 1
             self._drop_finished()
         if self.pending:
-            newcomers, self.pending = self.pending, []
-            events += self._prefill(newcomers)
+            started = self._static_admit()
+            self.last_passes += bool(started)
+            events += started
             self._drop_finished()
         return events
+
+    def _takes_static(self, s: DecodingSequence) -> bool:
+        return self.static and s.sampling.greedy
 
     def generate(self, requests: Sequence[dict], join_schedule: Sequence[int] | None = None
                  ) -> list[DecodingSequence]:
@@ -295,34 +317,28 @@ class Decoder:
                 self._close_stats(s)
         return events
 
-    def _static_round(self) -> list[StepEvent]:
-        """The static step's turn: a step of the running sequences (one per slot, in slot order), then the prefill
-        of waiting ones into the free slots."""
-        self._drop_finished()
+    def _static_step(self) -> list[StepEvent]:
+        """A static step of the sequences in the engine's slots (in slot order)."""
         events: list[StepEvent] = []
-        if self.running:
-            try:
-                results = self._engine.step()
-            except Exception as exc:  # the shared pass failed: every sequence in it
-                for s in self.running:
-                    self._fail(s, exc)
-                    events.append(StepEvent(s, [], "", True))
-            else:
-                for s, (accepted, tokens) in zip(self.running, results):
-                    s.stats.forward_passes += 1
-                    s.stats.accepted_histogram[accepted] += 1
-                    kept, text = self._emit(s, tokens)
-                    events.append(StepEvent(s, kept, text, s.finished))
-                    if s.finished:
-                        self._close_stats(s)
-            self._drop_finished()
-        events += self._static_admit()
-        self._drop_finished()
+        try:
+            results = self._engine.step()
+        except Exception as exc:  # the shared pass failed: every sequence in it
+            for s in self.static_running:
+                self._fail(s, exc)
+                events.append(StepEvent(s, [], "", True))
+            return events
+        for s, (accepted, tokens) in zip(self.static_running, results):
+            s.stats.forward_passes += 1
+            s.stats.accepted_histogram[accepted] += 1
+            kept, text = self._emit(s, tokens)
+            events.append(StepEvent(s, kept, text, s.finished))
+            if s.finished:
+                self._close_stats(s)
         return events
 
     def _static_admit(self) -> list[StepEvent]:
-        """Prefill waiting sequences into the engine's free slots, in order, in one pass. With no engine (nothing
-        running), one is taken that holds the longest of those that can start now."""
+        """Prefill waiting (greedy) sequences into the engine's free slots, in order, in one pass. With no engine
+        (nothing in its slots), one is taken that holds the longest of those that can start now."""
         if not self.pending:
             return []
         if self._engine is None:
@@ -354,11 +370,11 @@ class Decoder:
                 s.stats.prefill_seconds = elapsed
                 s.cache_len = len(s.prompt_ids)
                 if first is not None:
-                    self.running.append(s)  # its slot: the engine fills them in order
+                    self.static_running.append(s)  # its slot: the engine fills them in order
                 if s.finished:
                     self._close_stats(s)
                 events.append(StepEvent(s, kept, text, s.finished))
-        if not self.running:
+        if not self.static_running:
             engine.keep([])
             self._engine = None
         return events
@@ -452,15 +468,16 @@ class Decoder:
         return out.hidden, layouts, out.past_key_values
 
     def _drop_finished(self) -> None:
+        slots = [b for b, s in enumerate(self.static_running) if not s.finished]
+        if len(slots) < len(self.static_running):  # the engine's slots follow `static_running`
+            self.static_running = [self.static_running[b] for b in slots]
+            self._engine.keep(slots)
+            if not slots:
+                self._engine = None  # back to the pool
         keep = [b for b, s in enumerate(self.running) if not s.finished]
         if len(keep) == len(self.running):
             return
         self.running = [self.running[b] for b in keep]
-        if self.static:  # the engine's slots follow `running`
-            self._engine.keep(keep)
-            if not keep:
-                self._engine = None  # back to the pool
-            return
         if not keep:
             self.cache = None
             return

@@ -233,7 +233,7 @@ def build_server(mtp: Any, *, mode: str = "quadratic", k: int | None = None, max
                  model_name: str | None = None, tree: int | None = None,
                  static: bool = False) -> tuple[Any, Scheduler]:
     """The ASGI app and its (started) scheduler for a loaded MTPModel (`tree` > 0: draft trees of up to that many
-    nodes; None: the adapter's recommendation, see `Decoder`; `static`: the static step, greedy requests only)."""
+    nodes; None: the adapter's recommendation, see `Decoder`; `static`: the static step for greedy requests)."""
     scheduler = Scheduler(mtp, mode=mode, k=k, max_batch=max_batch, max_queue=max_queue, tree=tree,
                           static=static).start()
     config = ServerConfig(model_name=model_name or mtp.model_name, api_key=api_key,

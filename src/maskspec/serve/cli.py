@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
                                                           "recommends for this device, else its k)."),
         static: bool = typer.Option(False, "--static", help="Decode with the static step (fixed shapes, "
                                     "--max-batch slots, one host sync per step, CUDA graphs on a GPU; modes ar and "
-                                    "quadratic). Greedy only: a request with temperature > 0 gets a 400."),
+                                    "quadratic) for greedy requests; sampled ones take the usual step."),
         dtype: str = typer.Option("fp32", "--dtype"),
         device: str = typer.Option("cpu", "--device"),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         trees = scheduler.decoder.tree
         typer.secho(f"maskspec serve: {mtp.model_name}, mode {mode}"
                     f"{'' if mode == 'ar' else f', k {drafts}'}{f', tree {trees}' if trees else ''}, "
-                    f"max batch {max_batch}{', static step (greedy only)' if static else ''}, "
+                    f"max batch {max_batch}{', static step for greedy requests' if static else ''}, "
                     f"http://{host}:{port}/v1", err=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
         try:

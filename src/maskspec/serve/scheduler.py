@@ -90,8 +90,8 @@ class Scheduler:
     def __init__(self, mtp: MTPModel, mode: str = "quadratic", k: int | None = None, max_batch: int = 8,
                  max_queue: int = 64, metrics: ServerMetrics | None = None, tree: int | None = None,
                  static: bool = False) -> None:
-        """`static`: decode with the static step (`decode.static`), `max_batch` slots: greedy requests only (one
-        with temperature > 0 is refused with a 400 when admitted)."""
+        """`static`: decode greedy requests with the static step (`decode.static`, `max_batch` slots); sampled
+        ones take the usual step."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 0:
@@ -238,10 +238,9 @@ class Scheduler:
             self.active.append(req)
 
     def _step(self) -> None:
-        running = len(self.decoder.running)
-        prefilling = len(self.decoder.pending)
+        running = self.decoder.decoding
         events = self.decoder.step()
-        self.metrics.forward_passes.inc(int(running > 0) + int(prefilling > 0))
+        self.metrics.forward_passes.inc(self.decoder.last_passes)
         if running:
             self.metrics.batch_size.observe(running)
         now = time.perf_counter()
