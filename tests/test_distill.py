@@ -148,3 +148,18 @@ def test_cli_errors_are_one_line(tmp_path, prompts, chat_model, capsys):
         main(["train", "--model", str(chat_model), "--data", str(records), "--out", str(tmp_path / "a"), "--cpu"])
     err = capsys.readouterr().err.strip()
     assert "r.jsonl:1: no assistant message" in err and "\n" not in err
+
+
+@pytest.mark.slow  # the embedded model's tokenizer
+def test_a_prompt_longer_than_the_context_is_skipped(tmp_path, prompts, chat_model):
+    """A prompt the model cannot read (past its 512-position context) gets no record and the run goes on: the
+    others are written, in order, as without it."""
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    rows.insert(3, {**rows[0], "id": "too-long", "messages": [{"role": "user", "content": "word " * 2000}]})
+    longer = tmp_path / "longer.jsonl"
+    longer.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
+    distill(_cfg(prompts, ref, chat_model))
+    stats = distill(_cfg(longer, out, chat_model))
+    assert stats.too_long == 1 and stats.written == 7
+    assert out.read_text() == ref.read_text()

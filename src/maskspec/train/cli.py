@@ -53,6 +53,8 @@ def register(app: typer.Typer) -> None:
                                       device=device, dtype=dtype,
                                       progress=progress))
         note = " (repaired a partial last line)" if stats.repaired_partial_line else ""
+        if stats.too_long:
+            note += f"; {stats.too_long} longer than the model's context skipped"
         typer.echo(f"{out}: {stats.written} records written, {stats.already_done} already there, "
                    f"{stats.selected} selected{note}")
 

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from maskspec.decode.stopping import cut_at_eos, openai_finish_reason
-from maskspec.errors import UsageError
+from maskspec.errors import PromptTooLongError, UsageError
 from maskspec.files import blocking_parent
 from maskspec.train.data import DataError, _render, check_messages, iter_jsonl
 
@@ -58,6 +58,7 @@ class DistillStats:
     selected: int = 0
     already_done: int = 0
     written: int = 0
+    too_long: int = 0  # prompts longer than the model's context: skipped (no record)
     repaired_partial_line: bool = False
 
 
@@ -231,14 +232,17 @@ class _InOrderWriter:
     def __init__(self, f: Any, positions: Sequence[int]) -> None:
         self.f, self.waiting, self.order, self.next = f, {}, list(positions), 0
 
-    def add(self, position: int, line: str) -> int:
+    def add(self, position: int, line: str | None) -> int:
+        """Queue the record at `position` (None: that prompt has none) and write what is now in order."""
         self.waiting[position] = line
         written = 0
         while self.next < len(self.order) and self.order[self.next] in self.waiting:
-            self.f.write(self.waiting.pop(self.order[self.next]))  # one write per whole record
-            self.f.flush()
+            line = self.waiting.pop(self.order[self.next])
+            if line is not None:
+                self.f.write(line)  # one write per whole record
+                self.f.flush()
+                written += 1
             self.next += 1
-            written += 1
         return written
 
 
@@ -298,8 +302,12 @@ def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
                 while queue and decoder.active < cfg.batch_size:
                     i = queue.pop()
                     ids = _render(tokenizer, selected[i]["messages"], add_generation_prompt=True)
-                    decoder.add(ids, cfg.max_new_tokens, sampling=sampling, eos_token_ids=eos,
-                                seed=_prompt_seed(cfg.seed, selected[i]["id"]), detokenize=False, tag=i)
+                    try:
+                        decoder.add(ids, cfg.max_new_tokens, sampling=sampling, eos_token_ids=eos,
+                                    seed=_prompt_seed(cfg.seed, selected[i]["id"]), detokenize=False, tag=i)
+                    except PromptTooLongError:  # longer than the model's context: no answer, the run goes on
+                        stats.too_long += 1
+                        writer.add(i, None)
                 for event in decoder.step():
                     if not event.finished:
                         continue
