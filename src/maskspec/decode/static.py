@@ -247,7 +247,8 @@ class StaticStep:
         else:
             self._rows = _Rows.causal(1, device)
         self.rows = self._rows.count
-        self._gates = {n: self._rows.gate_of(n) for n in slot_buckets(slots)}  # per bucket, made once
+        self.buckets = slot_buckets(slots)
+        self._gates = {n: self._rows.gate_of(n) for n in self.buckets}  # per bucket, made once
         self._graphs: dict[int, Any] = {}
         self._graph_pool: Any = None
         self.use_graph = device.type == "cuda"
@@ -354,7 +355,7 @@ class StaticStep:
         them])."""
         if not self.occupied:
             return []
-        bucket = next(b for b in slot_buckets(self.slots) if b >= self.occupied)
+        bucket = next(b for b in self.buckets if b >= self.occupied)
         graph = self._graphs.get(bucket)
         if graph is None and self.use_graph and self._capture(bucket):
             graph = self._graphs[bucket]
