@@ -213,6 +213,23 @@ def test_a_sequence_too_long_for_the_engine_waits_for_a_larger_one():
     assert max(e.capacity for e in static._ENGINES[mtp]) > small.capacity
 
 
+@pytest.mark.parametrize("k,tree", [(2, 0), (3, 5)])
+def test_a_prompt_that_fits_a_slot_prefills_and_steps_at_the_edge(k, tree):
+    """`fits` is the one capacity rule: the longest prompt that fits with a budget of one token prefills and runs
+    its first step (whose rows end at the last position) exactly; one that does not fit is a usage error."""
+    mtp = make_tiny_mtp("llama", k=k, seed=3)
+    engine = StaticStep(mtp, k, static.CAPACITY_STEP, tree=tree)
+    longest = max(n for n in range(1, engine.capacity) if engine.fits(n, 1))
+    assert longest + 1 + max(engine.rows, k + 1) == engine.capacity
+    prompt = [random.Random(n).randrange(3, 128) for n in range(longest)]
+    expected = hf_greedy_tokens(mtp.model, prompt, 2)
+    assert engine.prefill(prompt) == expected[0]
+    [(accepted, tokens)] = engine.step()
+    assert tokens[0] == expected[1]
+    with pytest.raises(UsageError, match="does not fit"):
+        StaticStep(mtp, k, static.CAPACITY_STEP, tree=tree).prefill(prompt + [5, 6])
+
+
 def test_tree_shapes_and_rows():
     assert tree_shape(3, 0, 2) == [1, 1, 1]  # a chain
     assert tree_shape(8, 16, 2) == [2] * 8
@@ -298,11 +315,11 @@ def test_engines_are_reused_and_never_shared_by_live_decoders():
     # Both are idle now: a later sequence that fits takes one of them (no new storage).
     pool = list(static._ENGINES[mtp])
     assert len(pool) == 2 and not any(e.in_use for e in pool)
-    again = engine_for(mtp, 2, len(prompts[0]), 30, user=decoders[0])
+    again = engine_for(mtp, 2, needed_capacity(2, len(prompts[0]), 30), user=decoders[0])
     assert any(again is e for e in pool)
     # One too big for them gets a new engine; the idle one of the same k it replaces is dropped.
     decoders[0]._engine = None
-    bigger = engine_for(mtp, 2, 10, static.CAPACITY_STEP * 2, user=decoders[1])
+    bigger = engine_for(mtp, 2, needed_capacity(2, 10, static.CAPACITY_STEP * 2), user=decoders[1])
     assert all(bigger is not e for e in pool) and bigger.capacity >= static.CAPACITY_STEP * 2
     # A decoder queues several sequences and decodes them one after another, each exact.
     decoder = Decoder(mtp, k=2, static=True)

@@ -345,9 +345,8 @@ class Decoder:
             starting = self.pending[:self.static_slots]
             capacity = max(needed_capacity(self.k, len(p.prompt_ids), p.max_new_tokens, self.tree, self.tree_width)
                            for p in starting)
-            s = starting[0]
-            self._engine = engine_for(self.mtp, self.k, len(s.prompt_ids), s.max_new_tokens, self, self.tree,
-                                      self.tree_width, slots=self.static_slots, capacity=capacity)
+            self._engine = engine_for(self.mtp, self.k, capacity, self, self.tree, self.tree_width,
+                                      slots=self.static_slots)
         engine, starting = self._engine, []
         for s in self.pending:  # in order: one that does not fit waits for the running ones to end (a larger engine)
             if len(starting) == engine.free or not engine.fits(len(s.prompt_ids), s.max_new_tokens):

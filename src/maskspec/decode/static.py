@@ -276,6 +276,8 @@ class StaticStep:
 
     # ------------------------------------------------------------------ public
     def fits(self, prompt_tokens: int, max_new_tokens: int) -> bool:
+        """Whether a slot holds this prompt and budget (`needed_capacity`; a budget of 0: its prefill and first
+        step)."""
         return needed_capacity(self.k, prompt_tokens, max_new_tokens, self.tree, self.width,
                                self.lookup) <= self.capacity
 
@@ -296,7 +298,7 @@ class StaticStep:
             raise UsageError(f"cannot start {len(prompts)} more sequence(s): {self.free} of this engine's "
                              f"{self.slots} slots are free")
         for prompt in prompts:
-            if not prompt or len(prompt) + max(self.k, 1) + self.rows > self.capacity:
+            if not prompt or not self.fits(len(prompt), 0):
                 raise UsageError(f"a prompt of {len(prompt)} tokens does not fit this engine's {self.capacity} "
                                  "positions")
         if not prompts:
@@ -634,21 +636,20 @@ def model_fingerprint(mtp: "MTPModel") -> tuple:
 _ENGINES: "weakref.WeakKeyDictionary[Any, list[StaticStep]]" = weakref.WeakKeyDictionary()
 
 
-def engine_for(mtp: "MTPModel", k: int, prompt_tokens: int, max_new_tokens: int, user: Any, tree: int = 0,
-               width: int = 2, lookup: bool = True, slots: int = 1, capacity: int = 0) -> StaticStep:
-    """A static engine of the model for (k, tree, width) with `slots` slots that fits this sequence and holds at
-    least `capacity` positions per slot, lent to `user` (a decoder) until its `_engine` no longer names it: an idle
-    one kept from earlier sequences (its graphs already captured) when one fits and the model is unchanged, else a
-    new one. Engines that idle and no longer match are dropped."""
+def engine_for(mtp: "MTPModel", k: int, capacity: int, user: Any, tree: int = 0, width: int = 2,
+               lookup: bool = True, slots: int = 1) -> StaticStep:
+    """A static engine of the model for (k, tree, width) with `slots` slots of at least `capacity` positions each
+    (`needed_capacity` of the sequences it is for), lent to `user` (a decoder) until its `_engine` no longer names
+    it: an idle one kept from earlier sequences (its graphs already captured) when one fits and the model is
+    unchanged, else a new one. Engines that idle and no longer match are dropped."""
     fingerprint = model_fingerprint(mtp)
     kept = [e for e in _ENGINES.setdefault(mtp, []) if e.in_use or e.fingerprint == fingerprint]
     shape = (k, tree, width if tree else 1, bool(lookup and tree), slots)
-    need = max(needed_capacity(k, prompt_tokens, max_new_tokens, tree, width, lookup), capacity)
-    engine = next((e for e in kept if (*e.shape, e.slots) == shape and not e.in_use and e.capacity >= need), None)
+    engine = next((e for e in kept if (*e.shape, e.slots) == shape and not e.in_use and e.capacity >= capacity), None)
     if engine is None:
         # an idle one too small: its memory back
         kept = [e for e in kept if e.in_use or (*e.shape, e.slots) != shape]
-        engine = StaticStep(mtp, k, need, tree, width, lookup, slots)
+        engine = StaticStep(mtp, k, capacity, tree, width, lookup, slots)
         kept.append(engine)
     _ENGINES[mtp] = kept
     engine.lend(user)
