@@ -17,12 +17,14 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, TypeVar
 
 from maskspec.errors import MaskspecError
 from maskspec.messages import validate_messages
 
 BUILTIN_SUITE = Path(__file__).with_name("suite.jsonl")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -117,11 +119,16 @@ def select_prompts(prompts: list[BenchPrompt], domains: list[str] | None = None,
     return selected
 
 
+def take_turns(queues: Sequence[Sequence[T]]) -> list[T]:
+    """The queues' items with the queues taking turns (the first of each, then the second of each, ...), each
+    queue's own order kept; a queue that runs out drops out."""
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
 def in_domain_turns(prompts: list[BenchPrompt]) -> list[BenchPrompt]:
-    """The prompts with the domains taking turns (first of each domain, then the second of each, ...), each
-    domain's own order kept: a run stopped early (`bench --time-limit`) has covered every domain alike."""
+    """The prompts with the domains taking turns in the order they first appear (`take_turns`): a run stopped
+    early (`bench --time-limit`) has covered every domain alike."""
     by_domain: "OrderedDict[str, list[BenchPrompt]]" = OrderedDict()
     for p in prompts:
         by_domain.setdefault(p.domain, []).append(p)
-    queues = list(by_domain.values())
-    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+    return take_turns(list(by_domain.values()))

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
+from maskspec.bench.suites import take_turns
 from maskspec.decode.stopping import cut_at_eos, openai_finish_reason
 from maskspec.errors import PromptTooLongError, UsageError
 from maskspec.files import blocking_parent
@@ -89,7 +90,7 @@ def select_prompts(records: Sequence[dict[str, Any]], *, per_domain: int | None 
             groups[str(r.get("domain", ""))].append(r)
         gen = torch.Generator().manual_seed(seed + 11)
         queues = [[g[i] for i in torch.randperm(len(g), generator=gen).tolist()] for _, g in sorted(groups.items())]
-        chosen = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+        chosen = take_turns(queues)
     if limit is not None:
         chosen = chosen[:limit]
     return chosen
