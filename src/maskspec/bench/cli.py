@@ -95,7 +95,7 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
     from maskspec.bench.suites import in_domain_turns, load_suite, select_prompts
     from maskspec.decode.static import engine_report
     from maskspec.decode.steps import MODES
-    from maskspec.decode.verify import SamplingConfig, check_seed
+    from maskspec.decode.verify import check_sampling
     from maskspec.hub import is_default_model, parse_dtype, resolve_device
     from maskspec.model.mtp import MTPConfig, MTPModel
     from maskspec.progress import PromptProgress
@@ -114,10 +114,9 @@ def run_bench(model: str = "default", adapter: Optional[str] = None, suite: Opti
         raise MaskspecError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if repeats < 1:
         raise MaskspecError(f"--repeats must be at least 1, got {repeats}")
-    SamplingConfig(temperature=temperature)
+    check_sampling(temperature, seed=seed)
     if static and temperature > 0:
         raise UsageError("--static decodes greedily: leave --temperature at 0, or leave --static off")
-    check_seed(seed)
     if time_limit is not None and time_limit <= 0:
         raise UsageError(f"--time-limit must be a positive number of seconds, got {time_limit}")
     if prompt_lookup_tokens < 1:

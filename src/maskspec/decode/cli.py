@@ -11,7 +11,7 @@ import typer
 from maskspec.decode.api import StreamChunk, generate, stream
 from maskspec.decode.static import check_static
 from maskspec.decode.steps import MODES, resolve_k, resolve_static, resolve_tree
-from maskspec.decode.verify import SamplingConfig, check_seed
+from maskspec.decode.verify import check_sampling
 from maskspec.errors import MaskspecError, UsageError
 from maskspec.loading import load_for_decoding
 from maskspec.messages import check_text
@@ -36,12 +36,6 @@ STATIC_HELP = ("The static step: fixed shapes, one host sync per step, a CUDA gr
 def check_tree(tree: int | None, mode: str) -> None:
     if tree and mode != "quadratic":
         raise UsageError(f"--tree needs --mode quadratic (a mask block after every node), got --mode {mode}")
-
-
-def check_sampling(temperature: float, top_p: float = 1.0, top_k: int = 0, seed: Optional[int] = None) -> None:
-    """The decoders' own checks of the sampling options, run before a model is loaded."""
-    SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
-    check_seed(seed)
 
 
 def read_line(prompt: str) -> str:

@@ -74,6 +74,12 @@ def check_seed(seed: Any) -> int | None:
     return int(seed)
 
 
+def check_sampling(temperature: float, top_p: float = 1.0, top_k: int = 0, seed: Any = None) -> None:
+    """The decoders' own checks of the sampling options and seed, run before a model is loaded (UsageError)."""
+    SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
+    check_seed(seed)
+
+
 def new_generator(cfg: SamplingConfig, seed: int | None, device: torch.device | str) -> torch.Generator | None:
     """The random generator of one sequence: None for greedy decoding, else seeded with `seed` (None: random)."""
     if cfg.greedy:

@@ -252,7 +252,7 @@ def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
     from tqdm.auto import tqdm
 
     from maskspec.decode.decoder import Decoder
-    from maskspec.decode.verify import SamplingConfig, check_seed
+    from maskspec.decode.verify import SamplingConfig, check_sampling
     from maskspec.hub import load_model_and_tokenizer, parse_dtype, resolve_device
     from maskspec.model.mtp import MTPConfig, MTPModel, _eos_ids
 
@@ -263,8 +263,7 @@ def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
         raise UsageError(f"--limit must be >= 0, got {cfg.limit}")
     if cfg.per_domain is not None and cfg.per_domain < 1:
         raise UsageError(f"--per-domain must be >= 1, got {cfg.per_domain}")
-    SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p)
-    check_seed(cfg.seed)
+    check_sampling(cfg.temperature, cfg.top_p, seed=cfg.seed)
     device = resolve_device(cfg.device)
     parse_dtype(cfg.dtype)
     _check_out_path(Path(cfg.out), Path(cfg.prompts))
