@@ -3,6 +3,7 @@
 times and joining mid-way, and seeded sampling."""
 
 import pytest
+import torch
 
 from conftest import OracleDrafter, decode_alone, make_prompts, make_tiny_mtp
 from maskspec.decode.decoder import Decoder
@@ -106,3 +107,31 @@ def test_cancel_and_eos():
     # max_new_tokens 0 finishes at once without a pass.
     empty = decoder.add(prompts[0], 0)
     assert empty.finished and empty.output == [] and not decoder.has_work()
+
+
+@pytest.mark.parametrize("old_lens,physical,keep", [
+    ([5, 3], 5, [[0, 1], [0, 2]]),  # the docstring's example: a chain's prefix, and a tree's path
+    ([4, 4, 4], 4, [[0], [0, 1, 2], [0]]),  # no padding, prefixes of different lengths
+    ([0, 0], 0, [range(6), range(3)]),  # a prefill of two prompts (mask blocks dropped)
+    ([7, 2, 5], 7, [[0, 3, 4], [0], [0, 2]]),  # padding and tree paths
+    ([6], 6, [[0, 1, 2]]),  # a batch of one keeping a prefix: nothing moves
+])
+def test_keep_verified_keeps_each_sequence_s_entries_and_its_kept_rows(old_lens, physical, keep):
+    """Every sequence's cache is its old entries followed by its kept rows of the step, and the width is the
+    longest; whatever is left beyond a sequence's length is padding."""
+    from transformers import DynamicCache
+
+    from maskspec.decode import kv
+    gen = torch.Generator().manual_seed(0)
+    width = physical + 6
+    layers = [(torch.randn(len(old_lens), 2, width, 4, generator=gen),
+               torch.randn(len(old_lens), 2, width, 4, generator=gen)) for _ in range(2)]
+    before = [(k.clone(), v.clone()) for k, v in layers]
+    cache = kv.keep_verified(DynamicCache(ddp_cache_data=layers), old_lens, physical, keep)
+    new_lens = [o + len(list(rows)) for o, rows in zip(old_lens, keep)]
+    assert cache.get_seq_length() == max(new_lens)
+    for layer, (keys, values) in zip(cache.layers, before):
+        for b, (old, rows) in enumerate(zip(old_lens, keep)):
+            columns = list(range(old)) + [physical + r for r in rows]
+            assert torch.equal(layer.keys[b, :, :new_lens[b]], keys[b, :, columns])
+            assert torch.equal(layer.values[b, :, :new_lens[b]], values[b, :, columns])

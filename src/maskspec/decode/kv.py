@@ -3,8 +3,9 @@
 Layout: (B, heads, P, d) per layer. Sequence b's valid entries are [0, len_b): its prompt and every output token
 but the newest; columns [len_b, P) are padding that every row of b masks out through the attention matrix. A step
 appends its rows at [P, P + R); `keep_verified` then moves each sequence's verified rows (y0 and its accepted
-drafts: a prefix of the step for a chain, a root-to-leaf path for a draft tree) to follow its valid entries. A
-batch of one keeping a prefix never has padding, so for it that is a crop (a view), not a gather.
+drafts: a prefix of the step for a chain, a root-to-leaf path for a draft tree) to follow its valid entries and
+cuts the width to the longest. Rows already in place (a batch of one keeping a prefix, the longest sequence of a
+chain step) are not copied, and the old entries never are.
 """
 
 from __future__ import annotations
@@ -29,23 +30,22 @@ def keep_verified(cache: DynamicCache, old_lens: Sequence[int], physical: int,
     """Keep, for sequence b, its old entries [0, old_lens[b]) and the step's rows keep[b] (offsets from `physical`,
     increasing), moved to be contiguous; the rest of each row is padding. Worked example, B = 2, physical 5, a step
     of 4 rows: old_lens [5, 3], keep [[0, 1], [0, 2]] -> b0 keeps columns 0-4 and 5-6; b1 keeps 0-2 and 5, 7,
-    moved to 3-4; width 7."""
-    prefix = all(list(rows) == list(range(len(rows))) for rows in keep)
-    if prefix and all(old == physical for old in old_lens) and len({len(rows) for rows in keep}) == 1:
-        crop(cache, physical + len(keep[0]))  # no padding, same prefix everywhere: a crop
-        return cache
-    new_lens = [o + len(rows) for o, rows in zip(old_lens, keep)]
-    width = max(new_lens)
-    keys0 = cache.layers[0].keys
-    index = torch.zeros(len(keep), width, dtype=torch.long, device=keys0.device)
-    for b, (old, rows) in enumerate(zip(old_lens, keep)):
-        index[b, :old] = torch.arange(old, device=keys0.device)
-        index[b, old:old + len(rows)] = physical + torch.tensor(list(rows), dtype=torch.long, device=keys0.device)
-    for layer in cache.layers:
-        idx = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-        layer.keys = layer.keys.gather(2, idx)
-        idx = index[:, None, :, None].expand(-1, layer.values.shape[1], -1, layer.values.shape[3])
-        layer.values = layer.values.gather(2, idx)
+    moved to 3-4; width 7.
+
+    Only the kept rows that are not already in place are copied (in place, one indexed copy per tensor), then
+    every layer is cut to the new width: the old entries never move, so a step costs what it keeps, not the whole
+    cache. A column left behind by a move is padding, masked out like any other."""
+    width = max(o + len(rows) for o, rows in zip(old_lens, keep))
+    moves = [(b, old + j, physical + r) for b, (old, rows) in enumerate(zip(old_lens, keep))
+             for j, r in enumerate(rows) if old + j != physical + r]
+    if moves:
+        device = cache.layers[0].keys.device
+        batch, dst, src = (torch.tensor(column, dtype=torch.long, device=device) for column in zip(*moves))
+        for layer in cache.layers:
+            # dst <= src for every move, and the source rows are read out before any is written
+            layer.keys[batch, :, dst] = layer.keys[batch, :, src]
+            layer.values[batch, :, dst] = layer.values[batch, :, src]
+    crop(cache, width)
     return cache
 
 
