@@ -135,3 +135,37 @@ def test_keep_verified_keeps_each_sequence_s_entries_and_its_kept_rows(old_lens,
             columns = list(range(old)) + [physical + r for r in rows]
             assert torch.equal(layer.keys[b, :, :new_lens[b]], keys[b, :, columns])
             assert torch.equal(layer.values[b, :, :new_lens[b]], values[b, :, columns])
+
+
+def test_the_growing_cache_equals_a_concatenating_one_and_copies_only_when_full():
+    """Appends, crops, kept rows moved and batch rows dropped give the same tensors as transformers' concatenating
+    cache, while the storage is reallocated only when its room runs out (or after `select`)."""
+    from transformers import DynamicCache
+
+    from maskspec.decode import kv
+    gen = torch.Generator().manual_seed(1)
+    grow, plain = kv.GrowingCache(), DynamicCache()
+    stores, appended = set(), 0
+    for step in range(60):
+        rows = int(torch.randint(1, 10, (1,), generator=gen))
+        keys, values = torch.randn(3, 2, rows, 4, generator=gen), torch.randn(3, 2, rows, 4, generator=gen)
+        for cache in (grow, plain):
+            cache.update(keys.clone(), values.clone(), 0)
+        appended += rows
+        stores.add(grow.layers[0].keys.data_ptr())
+        physical = grow.get_seq_length() - rows
+        if step % 3 == 0:  # a step keeping a prefix in one row, a path in another, one row only in the third
+            keep = [range(rows), [0, rows - 1] if rows > 1 else [0], [0]]
+            for cache in (grow, plain):
+                kv.keep_verified(cache, [physical] * 3, physical, keep)
+        elif step % 3 == 1:
+            for cache in (grow, plain):
+                kv.crop(cache, physical + 1)
+        assert torch.equal(grow.layers[0].keys, plain.layers[0].keys)
+        assert torch.equal(grow.layers[0].values, plain.layers[0].values)
+    assert len(stores) <= appended // kv.GROWTH + 1
+    width = grow.get_seq_length()
+    for cache in (grow, plain):
+        kv.select(cache, [2, 0], width - 1)
+        cache.update(torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4), 0)
+    assert torch.equal(grow.layers[0].keys, plain.layers[0].keys)

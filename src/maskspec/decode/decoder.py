@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache
 
 from maskspec.decode import kv
 from maskspec.decode.drafters import DraftContext, Drafter, DraftProposal, DraftRequest, SamplerChain, TreeDrafter
@@ -129,7 +129,7 @@ class Decoder:
         self.static_running: list[DecodingSequence] = []  # the static engine's, in slot order
         self.pending: list[DecodingSequence] = []
         self.last_passes = 0  # forward passes the last `step` ran
-        self.cache: DynamicCache | None = None  # batch order = self.running
+        self.cache: Cache | None = None  # batch order = self.running
         self._ids = itertools.count()
         self._sessions = 0
         self.context_length = context_length(mtp)
@@ -433,8 +433,8 @@ class Decoder:
             request.sequence.proposal = proposal
 
     # ------------------------------------------------------------------ the batched pass
-    def _forward(self, seqs: list[DecodingSequence], cache: DynamicCache | None,
-                 specs: list[tuple]) -> tuple[torch.Tensor, list[Layout], DynamicCache]:
+    def _forward(self, seqs: list[DecodingSequence], cache: Cache | None,
+                 specs: list[tuple]) -> tuple[torch.Tensor, list[Layout], Cache]:
         """One pass over every sequence's layout (specs: normal tokens, block heads and, for a draft tree, the
         layout parents), rows padded to the longest."""
         device = self.mtp.device
@@ -463,7 +463,7 @@ class Decoder:
                 attention[b, r:, physical + r:] = pad_rows_attention(rows - r, device)
                 key_positions[b, physical + r:] = past
         out = self.mtp.forward_rows(token_ids, mask_slot, position_ids, attention, key_positions,
-                                    past_key_values=cache, use_cache=True)
+                                    past_key_values=cache if cache is not None else kv.GrowingCache(), use_cache=True)
         return out.hidden, layouts, out.past_key_values
 
     def _drop_finished(self) -> None:

@@ -1,4 +1,4 @@
-"""KV-cache operations of the decoder, on one `DynamicCache` for a batch of sequences.
+"""KV-cache operations of the decoder, on one `GrowingCache` for a batch of sequences.
 
 Layout: (B, heads, P, d) per layer. Sequence b's valid entries are [0, len_b): its prompt and every output token
 but the newest; columns [len_b, P) are padding that every row of b masks out through the attention matrix. A step
@@ -6,6 +6,11 @@ appends its rows at [P, P + R); `keep_verified` then moves each sequence's verif
 drafts: a prefix of the step for a chain, a root-to-leaf path for a draft tree) to follow its valid entries and
 cuts the width to the longest. Rows already in place (a batch of one keeping a prefix, the longest sequence of a
 chain step) are not copied, and the old entries never are.
+
+A step's rows are written into room the layer's storage keeps after its columns (`GrowingLayer`), not
+concatenated onto a copy of the cache, so a step's KV work grows with its rows, not with the context. Padding
+columns always hold finite values (zeros, or rows a move left behind): a masked-out NaN would still poison the
+attention's weighted sum.
 """
 
 from __future__ import annotations
@@ -13,10 +18,72 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+# Columns of room a growing layer's storage gets beyond what it holds when it is (re)allocated.
+GROWTH = 256
 
 
-def crop(cache: DynamicCache, length: int) -> None:
+class GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are the first columns of a storage with room for more: a pass writes
+    its rows into the room instead of concatenating them onto a copy of the whole cache. The storage is copied
+    only when the room runs out (GROWTH more columns each time) or when the tensors were replaced (`select`)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        self._key_store = self._value_store = None
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held, new = self.keys.shape[-2], key_states.shape[-2]
+        if not (_is_front_of(self.keys, self._key_store, held + new)
+                and _is_front_of(self.values, self._value_store, held + new)):
+            self._key_store = _with_room(self.keys, held + new + GROWTH)
+            self._value_store = _with_room(self.values, held + new + GROWTH)
+        self._key_store[:, :, held:held + new] = key_states
+        self._value_store[:, :, held:held + new] = value_states
+        self.keys = self._key_store[:, :, :held + new]
+        self.values = self._value_store[:, :, :held + new]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._key_store = self._value_store = None
+        super().reset()
+
+
+def _is_front_of(view: torch.Tensor, store: torch.Tensor | None, columns: int) -> bool:
+    """Whether `view` is the first columns of `store` and `store` has at least `columns`."""
+    return (store is not None and view.data_ptr() == store.data_ptr() and view.shape[:2] == store.shape[:2]
+            and view.stride() == store.stride() and store.shape[2] >= columns)
+
+
+def _with_room(t: torch.Tensor, columns: int) -> torch.Tensor:
+    store = t.new_empty(t.shape[0], t.shape[1], columns, t.shape[3])
+    store[:, :, :t.shape[2]] = t
+    return store
+
+
+class GrowingCache(Cache):
+    """The decoder's KV cache: one `GrowingLayer` per decoder layer (full attention everywhere; a sliding window
+    comes from the decoder's own attention mask)."""
+
+    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        if layers is None:
+            super().__init__(layer_class_to_replicate=GrowingLayer)
+            return
+        grown = []
+        for keys, values in layers:
+            layer = GrowingLayer()
+            layer.update(keys, values)
+            grown.append(layer)
+        super().__init__(layers=grown)
+
+
+def crop(cache: Cache, length: int) -> None:
     """Keep the first `length` positions of every layer."""
     excess = cache.get_seq_length() - length
     if excess < 0:
@@ -25,8 +92,8 @@ def crop(cache: DynamicCache, length: int) -> None:
         cache.crop(-excess)
 
 
-def keep_verified(cache: DynamicCache, old_lens: Sequence[int], physical: int,
-                  keep: Sequence[Sequence[int]]) -> DynamicCache:
+def keep_verified(cache: Cache, old_lens: Sequence[int], physical: int,
+                  keep: Sequence[Sequence[int]]) -> Cache:
     """Keep, for sequence b, its old entries [0, old_lens[b]) and the step's rows keep[b] (offsets from `physical`,
     increasing), moved to be contiguous; the rest of each row is padding. Worked example, B = 2, physical 5, a step
     of 4 rows: old_lens [5, 3], keep [[0, 1], [0, 2]] -> b0 keeps columns 0-4 and 5-6; b1 keeps 0-2 and 5, 7,
@@ -49,7 +116,7 @@ def keep_verified(cache: DynamicCache, old_lens: Sequence[int], physical: int,
     return cache
 
 
-def merge(first: DynamicCache | None, second: DynamicCache) -> DynamicCache:
+def merge(first: Cache | None, second: Cache) -> Cache:
     """The two batches one after the other (batch dimension), the shorter padded to the longer's width."""
     if first is None:
         return second
@@ -58,10 +125,10 @@ def merge(first: DynamicCache | None, second: DynamicCache) -> DynamicCache:
     for a, b in zip(first.layers, second.layers):
         layers.append((torch.cat([_pad_to(a.keys, width), _pad_to(b.keys, width)]),
                        torch.cat([_pad_to(a.values, width), _pad_to(b.values, width)])))
-    return DynamicCache(ddp_cache_data=layers)
+    return GrowingCache(layers)
 
 
-def select(cache: DynamicCache, rows: Sequence[int], width: int) -> DynamicCache:
+def select(cache: Cache, rows: Sequence[int], width: int) -> Cache:
     """Only the batch rows `rows` (in that order), cut to `width` columns (the longest valid length left)."""
     index = torch.tensor(list(rows), dtype=torch.long, device=cache.layers[0].keys.device)
     for layer in cache.layers:

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Longest answer in tokens."),
         temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
         top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (temperature > 0)."),
-        batch_size: int = typer.Option(8, "--batch-size", help="Prompts decoded together (a finished one is "
+        batch_size: int = typer.Option(16, "--batch-size", help="Prompts decoded together (a finished one is "
                                        "replaced by the next at once)."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Answer only the first N selected prompts."),
         per_domain: Optional[int] = typer.Option(None, "--per-domain", help="A seeded sample of N prompts per "

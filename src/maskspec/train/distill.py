@@ -43,7 +43,7 @@ class DistillConfig:
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0: greedy, the answers greedy decoding will reproduce
     top_p: float = 1.0
-    batch_size: int = 8
+    batch_size: int = 16
     limit: int | None = None
     per_domain: int | None = None
     shuffle: bool = False
