@@ -169,3 +169,13 @@ def test_the_growing_cache_equals_a_concatenating_one_and_copies_only_when_full(
         kv.select(cache, [2, 0], width - 1)
         cache.update(torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4), 0)
     assert torch.equal(grow.layers[0].keys, plain.layers[0].keys)
+    # Newcomers merged after the batch: zero-padded to the wider one, then both batches grow in place.
+    newcomer = kv.GrowingCache()
+    newcomer.update(torch.randn(1, 2, 3, 4, generator=gen), torch.randn(1, 2, 3, 4, generator=gen), 0)
+    keys = grow.layers[0].keys
+    expected = torch.cat([keys, torch.cat([newcomer.layers[0].keys, keys.new_zeros(1, 2, keys.shape[2] - 3, 4)], 2)])
+    merged = kv.merge(grow, newcomer)
+    assert torch.equal(merged.layers[0].keys, expected)
+    store = merged.layers[0].keys.data_ptr()
+    merged.update(torch.ones(3, 2, 1, 4), torch.ones(3, 2, 1, 4), 0)
+    assert merged.layers[0].keys.data_ptr() == store and torch.equal(merged.layers[0].keys[:, :, :-1], expected)

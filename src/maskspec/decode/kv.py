@@ -29,6 +29,15 @@ class GrowingLayer(DynamicLayer):
     its rows into the room instead of concatenating them onto a copy of the whole cache. The storage is copied
     only when the room runs out (GROWTH more columns each time) or when the tensors were replaced (`select`)."""
 
+    @classmethod
+    def holding(cls, key_store: torch.Tensor, value_store: torch.Tensor, width: int) -> "GrowingLayer":
+        """A layer whose keys and values are the first `width` columns of these storages."""
+        layer = cls()
+        layer.lazy_initialization(key_store, value_store)
+        layer._key_store, layer._value_store = key_store, value_store
+        layer.keys, layer.values = key_store[:, :, :width], value_store[:, :, :width]
+        return layer
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
@@ -42,8 +51,8 @@ class GrowingLayer(DynamicLayer):
         held, new = self.keys.shape[-2], key_states.shape[-2]
         if not (_is_front_of(self.keys, self._key_store, held + new)
                 and _is_front_of(self.values, self._value_store, held + new)):
-            self._key_store = _with_room(self.keys, held + new + GROWTH)
-            self._value_store = _with_room(self.values, held + new + GROWTH)
+            self._key_store = _with_room([self.keys], held, held + new + GROWTH)
+            self._value_store = _with_room([self.values], held, held + new + GROWTH)
         self._key_store[:, :, held:held + new] = key_states
         self._value_store[:, :, held:held + new] = value_states
         self.keys = self._key_store[:, :, :held + new]
@@ -61,9 +70,16 @@ def _is_front_of(view: torch.Tensor, store: torch.Tensor | None, columns: int) -
             and view.stride() == store.stride() and store.shape[2] >= columns)
 
 
-def _with_room(t: torch.Tensor, columns: int) -> torch.Tensor:
-    store = t.new_empty(t.shape[0], t.shape[1], columns, t.shape[3])
-    store[:, :, :t.shape[2]] = t
+def _with_room(parts: Sequence[torch.Tensor], width: int, columns: int) -> torch.Tensor:
+    """A new storage of `columns` columns holding the parts one after another by batch row, each zero-padded to
+    `width` (the room beyond is left unwritten: no view reaches it before a pass writes it)."""
+    first = parts[0]
+    store = first.new_empty(sum(p.shape[0] for p in parts), first.shape[1], columns, first.shape[3])
+    row = 0
+    for part in parts:
+        store[row:row + part.shape[0], :, :part.shape[2]] = part
+        store[row:row + part.shape[0], :, part.shape[2]:width] = 0
+        row += part.shape[0]
     return store
 
 
@@ -71,16 +87,11 @@ class GrowingCache(Cache):
     """The decoder's KV cache: one `GrowingLayer` per decoder layer (full attention everywhere; a sliding window
     comes from the decoder's own attention mask)."""
 
-    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    def __init__(self, layers: Sequence[GrowingLayer] | None = None) -> None:
         if layers is None:
             super().__init__(layer_class_to_replicate=GrowingLayer)
-            return
-        grown = []
-        for keys, values in layers:
-            layer = GrowingLayer()
-            layer.update(keys, values)
-            grown.append(layer)
-        super().__init__(layers=grown)
+        else:
+            super().__init__(layers=list(layers))
 
 
 def crop(cache: Cache, length: int) -> None:
@@ -117,15 +128,14 @@ def keep_verified(cache: Cache, old_lens: Sequence[int], physical: int,
 
 
 def merge(first: Cache | None, second: Cache) -> Cache:
-    """The two batches one after the other (batch dimension), the shorter padded to the longer's width."""
+    """The two batches one after the other (batch dimension), the shorter padded to the longer's width, written
+    once into a new storage with room to grow."""
     if first is None:
         return second
     width = max(first.get_seq_length(), second.get_seq_length())
-    layers = []
-    for a, b in zip(first.layers, second.layers):
-        layers.append((torch.cat([_pad_to(a.keys, width), _pad_to(b.keys, width)]),
-                       torch.cat([_pad_to(a.values, width), _pad_to(b.values, width)])))
-    return GrowingCache(layers)
+    return GrowingCache([GrowingLayer.holding(_with_room([a.keys, b.keys], width, width + GROWTH),
+                                              _with_room([a.values, b.values], width, width + GROWTH), width)
+                         for a, b in zip(first.layers, second.layers)])
 
 
 def select(cache: Cache, rows: Sequence[int], width: int) -> Cache:
@@ -135,10 +145,3 @@ def select(cache: Cache, rows: Sequence[int], width: int) -> Cache:
         layer.keys = layer.keys.index_select(0, index)[:, :, :width]
         layer.values = layer.values.index_select(0, index)[:, :, :width]
     return cache
-
-
-def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
-    extra = width - t.shape[2]
-    if extra <= 0:
-        return t
-    return torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], extra, t.shape[3])], dim=2)
