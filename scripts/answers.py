@@ -94,7 +94,7 @@ def info(path: Path) -> None:
         print(f"  {source}: {n}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("pack")
@@ -107,7 +107,7 @@ def main() -> None:
     b.add_argument("--limit", type=int, default=None)
     c = sub.add_parser("info")
     c.add_argument("answers", type=Path)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         if args.command == "pack":
             pack(args.distill_out, args.answers)

@@ -1,6 +1,9 @@
 """scripts/answers.py: distilled answers packed by prompt id and unpacked to the records distill writes."""
 
+import contextlib
 import gzip
+import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -12,7 +15,33 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "answers.py"
 SETTINGS = {"model": "tiny", "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 0}
 
 
+def _load_script():
+    spec = importlib.util.spec_from_file_location("answers_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ANSWERS = _load_script()
+
+
 def _run(*args):
+    """The script's main in this process (a subprocess would spend seconds importing torch on every call); its exit
+    status as a subprocess would report it: SystemExit's message goes to stderr and gives status 1."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            ANSWERS.main([str(a) for a in args])
+        except SystemExit as exc:
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+                code = 1
+            else:
+                code = exc.code or 0
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def _run_script(*args):
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
 
 
@@ -63,7 +92,7 @@ def test_pack_refuses_other_settings_and_foreign_files(tmp_path):
     assert refused.returncode != 0 and "another file" in refused.stderr and store.read_bytes() == before
     foreign = tmp_path / "notes.txt"
     foreign.write_text("not a record\n")
-    refused = _run("pack", foreign, store)
+    refused = _run_script("pack", foreign, store)  # the real command line: one line, no traceback
     assert refused.returncode != 0 and refused.stderr.startswith("error:") and "Traceback" not in refused.stderr
     assert store.read_bytes() == before
     assert _run("info", store).returncode == 0
