@@ -11,7 +11,7 @@ from maskspec.errors import ModelLoadError
 
 
 @pytest.mark.slow
-def test_embedded_cache_is_atomic_and_fast_to_reload(tmp_path, monkeypatch):
+def test_embedded_cache_is_atomic_and_fast_to_reload(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("MASKSPEC_CACHE", str(tmp_path))
     target = hub.embedded_cache_folder()
     assert str(target).startswith(str(tmp_path))
@@ -32,8 +32,13 @@ def test_embedded_cache_is_atomic_and_fast_to_reload(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("MASKSPEC_CACHE", str(tmp_path))
 
+    capfd.readouterr()
     path = hub.embedded_model_path()
     assert (path / "model.safetensors").is_file() and (path / "maskspec-cache-complete").is_file()
+    # Building the copy says so in one line; transformers' conversion bar stays out of a log (not a terminal).
+    err = capfd.readouterr().err
+    assert "first use of the embedded model" in err and str(path) in err
+    assert "GGUF" not in err and "\r" not in err
     start = time.perf_counter()
     model, tok = hub.load_model_and_tokenizer("default")
     assert time.perf_counter() - start < 6.0  # target is < 3 s; CI machines are shared and noisy

@@ -12,13 +12,17 @@ huggingface_hub would retry for about 30 s before failing, so the load fails at 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import shutil
 import socket
+import sys
 import threading
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -105,20 +109,45 @@ def embedded_cache_folder() -> Path:
     return cache_root() / "models" / "smollm2-135m-instruct-q4_1"
 
 
+@contextlib.contextmanager
+def _conversion_bars_off() -> Iterator[None]:
+    """The one-time conversion prints its own line; transformers' bars (GGUF de-quantisation, weight loading,
+    shard writing) would add a screenful of carriage returns to a log, so they are off, as for every load here."""
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # another layout of transformers
+        gguf_utils = None
+    gguf_bar = getattr(gguf_utils, "tqdm", None)
+    if gguf_bar is not None:  # a direct tqdm.auto import, deaf to transformers' switch
+        gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_bar is not None:
+            gguf_utils.tqdm = gguf_bar
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
 def _write_embedded_cache(target: Path) -> None:
     folder = embedded_gguf_folder()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=EMBEDDED_GGUF)
-    # The GGUF loader marks the model as quantised; the de-quantised float copy is a plain model.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = DEFAULT_MODEL_NAME
-    # Another process may finish first: its complete copy is kept.
-    with atomic_folder(target, keep_existing=lambda folder: (folder / _CACHE_COMPLETE_MARKER).is_file()) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _CACHE_COMPLETE_MARKER).write_text("ok\n")
+    print(f"maskspec: first use of the embedded model on this machine: writing its float copy to {target} "
+          "(about 20 s, once)", file=sys.stderr, flush=True)
+    with _conversion_bars_off():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=EMBEDDED_GGUF)
+        # The GGUF loader marks the model as quantised; the de-quantised float copy is a plain model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = DEFAULT_MODEL_NAME
+        # Another process may finish first: its complete copy is kept.
+        with atomic_folder(target, keep_existing=lambda folder: (folder / _CACHE_COMPLETE_MARKER).is_file()) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / _CACHE_COMPLETE_MARKER).write_text("ok\n")
 
 
 def embedded_model_path() -> Path:
