@@ -163,3 +163,20 @@ def test_a_prompt_longer_than_the_context_is_skipped(tmp_path, prompts, chat_mod
     stats = distill(_cfg(longer, out, chat_model))
     assert stats.too_long == 1 and stats.written == 7
     assert out.read_text() == ref.read_text()
+
+
+@pytest.mark.slow  # the embedded model's tokenizer
+def test_cli_warnings_are_one_line(tmp_path, chat_model, capsys):
+    """A maskspec warning printed by the command is one `warning:` line, not Python's file:line plus source."""
+    records = tmp_path / "r.jsonl"
+    records.write_text(json.dumps({"id": "1", "messages": [{"role": "user", "content": "What is 2 + 2?"},
+                                                             {"role": "assistant", "content": "2 + 2 = 4."}]}) + "\n")
+    out = tmp_path / "adapter"
+    _run(["train", "--model", str(chat_model), "--data", str(records), "--out", str(out), "--k", "2", "--rank", "2",
+          "--steps", "1", "--batch-size", "1", "--eval-size", "0", "--warmup", "0", "--no-progress", "--cpu",
+          "--resume"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "--resume" in line]
+    assert lines == [f"warning: --resume: no checkpoint in {out}; starting from scratch"], err
+    assert "UserWarning" not in err and ".py:" not in err
+    assert (out / "adapter_config.json").is_file()

@@ -3,8 +3,12 @@ user errors into one readable line (exit code 2) instead of a traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import sys
+import warnings
+from collections.abc import Iterator
 
 import typer
 
@@ -51,9 +55,32 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+_PACKAGE_FOLDER = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+@contextlib.contextmanager
+def _own_warnings_as_lines() -> Iterator[None]:
+    """maskspec's own warnings are notes to the user: one `warning:` line, without the file, line number and source
+    line Python adds. Warnings raised elsewhere (torch, transformers) keep their usual form."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(str(filename)).startswith(_PACKAGE_FOLDER):
+            typer.secho(f"warning: {_one_line(message)}", err=True, fg=typer.colors.YELLOW)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
-        code = app(args=argv, standalone_mode=False, prog_name="maskspec")
+        with _own_warnings_as_lines():
+            code = app(args=argv, standalone_mode=False, prog_name="maskspec")
     except click_errors.NoArgsIsHelpError as exc:  # plain `maskspec`: the help text
         typer.echo(exc.ctx.get_help() if exc.ctx is not None else "usage: maskspec COMMAND --help", err=True)
         sys.exit(2)
