@@ -86,9 +86,9 @@ def time_static_step(mtp, k: int, past: int, repeats: int, warmup: int, tree: in
     """ms of one whole static step with k drafts (0: mode ar) after a prompt of `past` tokens, wall clock around
     `StaticStep.step` (graph replay and the read of its result); each step appends its accepted tokens, so the
     cache grows by a few tokens over the repeats."""
-    from maskspec.decode.static import StaticStep, step_rows
+    from maskspec.decode.static import StaticStep, needed_capacity
 
-    engine = StaticStep(mtp, k, past + (warmup + repeats + 2) * (k + 1) + step_rows(k, tree) + 8, tree=tree)
+    engine = StaticStep(mtp, k, needed_capacity(k, past, (warmup + repeats + 2) * (k + 1), tree), tree=tree)
     engine.prefill(torch.randint(3, mtp.vocab_size, (past,)).tolist())
     times = []
     for i in range(warmup + repeats):
