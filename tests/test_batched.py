@@ -139,7 +139,8 @@ def test_keep_verified_keeps_each_sequence_s_entries_and_its_kept_rows(old_lens,
 
 def test_the_growing_cache_equals_a_concatenating_one_and_copies_only_when_full():
     """Appends, crops, kept rows moved and batch rows dropped give the same tensors as transformers' concatenating
-    cache, while the storage is reallocated only when its room runs out (or after `select`)."""
+    cache, while the storage is reallocated only when its room runs out: dropped rows free room that a merge
+    fills."""
     from transformers import DynamicCache
 
     from maskspec.decode import kv
@@ -165,17 +166,46 @@ def test_the_growing_cache_equals_a_concatenating_one_and_copies_only_when_full(
         assert torch.equal(grow.layers[0].values, plain.layers[0].values)
     assert len(stores) <= appended // kv.GROWTH + 1
     width = grow.get_seq_length()
-    for cache in (grow, plain):
+    store = grow.layers[0].keys.data_ptr()
+    for cache in (grow, plain):  # dropping a row (and reordering the rest) moves them within the storage
         kv.select(cache, [2, 0], width - 1)
         cache.update(torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4), 0)
     assert torch.equal(grow.layers[0].keys, plain.layers[0].keys)
-    # Newcomers merged after the batch: zero-padded to the wider one, then both batches grow in place.
+    assert torch.equal(grow.layers[0].values, plain.layers[0].values)
+    assert grow.layers[0].keys.data_ptr() == store
+    # The freed row holds whatever was left there; poison it: a newcomer must overwrite all of it it can be seen.
+    grow.layers[0]._key_store[2:] = float("nan")
+    grow.layers[0]._value_store[2:] = float("nan")
+    # A newcomer merged after the batch takes the freed row: zero-padded to the wider one, in the same storage.
     newcomer = kv.GrowingCache()
     newcomer.update(torch.randn(1, 2, 3, 4, generator=gen), torch.randn(1, 2, 3, 4, generator=gen), 0)
-    keys = grow.layers[0].keys
-    expected = torch.cat([keys, torch.cat([newcomer.layers[0].keys, keys.new_zeros(1, 2, keys.shape[2] - 3, 4)], 2)])
+    keys, values = grow.layers[0].keys, grow.layers[0].values
+    pad = keys.new_zeros(1, 2, keys.shape[2] - 3, 4)
+    expected = torch.cat([keys, torch.cat([newcomer.layers[0].keys, pad], 2)])
+    expected_values = torch.cat([values, torch.cat([newcomer.layers[0].values, pad], 2)])
     merged = kv.merge(grow, newcomer)
-    assert torch.equal(merged.layers[0].keys, expected)
-    store = merged.layers[0].keys.data_ptr()
+    assert torch.equal(merged.layers[0].keys, expected) and torch.equal(merged.layers[0].values, expected_values)
+    assert merged.layers[0].keys.data_ptr() == store
     merged.update(torch.ones(3, 2, 1, 4), torch.ones(3, 2, 1, 4), 0)
     assert merged.layers[0].keys.data_ptr() == store and torch.equal(merged.layers[0].keys[:, :, :-1], expected)
+    # After another drop, a newcomer wider than the batch: the batch's rows are zero-padded up to it (poisoned room
+    # first), still in the same storage; one more newcomer than the storage has rows for gets a new one.
+    kv.select(merged, [0, 2], merged.get_seq_length())
+    layer = merged.layers[0]
+    held, columns = layer.keys.shape[2], layer._key_store.shape[2]
+    assert columns > held + 1
+    layer._key_store[:, :, held:] = float("nan")
+    layer._value_store[:, :, held:] = float("nan")
+    wide = kv.GrowingCache()
+    wide.update(torch.randn(1, 2, columns - 1, 4, generator=gen), torch.randn(1, 2, columns - 1, 4, generator=gen), 0)
+    keys = layer.keys
+    expected = torch.cat([torch.cat([keys, keys.new_zeros(2, 2, columns - 1 - held, 4)], 2), wide.layers[0].keys])
+    merged = kv.merge(merged, wide)
+    assert torch.equal(merged.layers[0].keys, expected) and not merged.layers[0].values.isnan().any()
+    assert merged.layers[0].keys.data_ptr() == store
+    merged = kv.merge(merged, newcomer)
+    assert merged.layers[0].keys.data_ptr() != store and merged.layers[0].keys.shape[:3] == (4, 2, columns - 1)
+    assert torch.equal(merged.layers[0].keys[:3], expected)
+    before, store = merged.layers[0].keys.clone(), merged.layers[0].keys.data_ptr()
+    merged.update(torch.ones(4, 2, 1, 4), torch.ones(4, 2, 1, 4), 0)
+    assert merged.layers[0].keys.data_ptr() == store and torch.equal(merged.layers[0].keys[:, :, :-1], before)

@@ -25,9 +25,10 @@ GROWTH = 256
 
 
 class GrowingLayer(DynamicLayer):
-    """A `DynamicLayer` whose keys and values are the first columns of a storage with room for more: a pass writes
-    its rows into the room instead of concatenating them onto a copy of the whole cache. The storage is copied
-    only when the room runs out (GROWTH more columns each time) or when the tensors were replaced (`select`)."""
+    """A `DynamicLayer` whose keys and values are the first rows and columns of a storage with room for more: a pass
+    writes its rows into the room instead of concatenating them onto a copy of the whole cache. The storage is
+    copied only when the room runs out (GROWTH more columns each time) or when the tensors were replaced. Dropping
+    batch rows (`select`) moves the kept ones down inside it, and newcomers (`merge`) take the freed rows."""
 
     @classmethod
     def holding(cls, key_store: torch.Tensor, value_store: torch.Tensor, width: int) -> "GrowingLayer":
@@ -49,25 +50,73 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         held, new = self.keys.shape[-2], key_states.shape[-2]
-        if not (_is_front_of(self.keys, self._key_store, held + new)
-                and _is_front_of(self.values, self._value_store, held + new)):
+        if not self._in_store(held + new):
             self._key_store = _with_room([self.keys], held, held + new + GROWTH)
             self._value_store = _with_room([self.values], held, held + new + GROWTH)
-        self._key_store[:, :, held:held + new] = key_states
-        self._value_store[:, :, held:held + new] = value_states
-        self.keys = self._key_store[:, :, :held + new]
-        self.values = self._value_store[:, :, :held + new]
+        batch = self.keys.shape[0]
+        self._key_store[:batch, :, held:held + new] = key_states
+        self._value_store[:batch, :, held:held + new] = value_states
+        self.keys = self._key_store[:batch, :, :held + new]
+        self.values = self._value_store[:batch, :, :held + new]
         return self.keys, self.values
+
+    def _in_store(self, columns: int, batch: int | None = None) -> bool:
+        """Whether the keys and values are the first rows and columns of their storages, and the storages have at
+        least `columns` columns (and `batch` rows)."""
+        return (_is_front_of(self.keys, self._key_store, columns, batch)
+                and _is_front_of(self.values, self._value_store, columns, batch))
+
+    def keep_rows(self, rows: Sequence[int], width: int) -> None:
+        """Only the batch rows `rows` (in that order), cut to `width` columns, moved down in the storage itself:
+        only rows that change place are copied, and the rows freed at the end take a later `add_rows`."""
+        if not self._in_store(width):
+            self.keys = self.keys.index_select(0, _index(rows, self.keys.device))[:, :, :width]
+            self.values = self.values.index_select(0, _index(rows, self.values.device))[:, :, :width]
+            return
+        moves = [(dst, src) for dst, src in enumerate(rows) if dst != src]
+        if moves:
+            dst, src = (_index(column, self.keys.device) for column in zip(*moves))
+            with _writable(self._key_store):  # a sequence cancelled between steps drops outside inference mode
+                for store in (self._key_store, self._value_store):
+                    store[dst, :, :width] = store[src, :, :width]  # the sources are read before any is written
+        self.keys = self._key_store[:len(rows), :, :width]
+        self.values = self._value_store[:len(rows), :, :width]
+
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor, width: int) -> bool:
+        """Another batch's entries after this one's in the storage's free rows, both zero-padded to `width`; False
+        (nothing changed) when the storage lacks the rows or columns."""
+        held, batch, more = self.keys.shape[2], self.keys.shape[0], keys.shape[0]
+        if not self._in_store(width, batch + more):
+            return False
+        with _writable(self._key_store):
+            for store, theirs in ((self._key_store, keys), (self._value_store, values)):
+                store[:batch, :, held:width] = 0
+                store[batch:batch + more, :, :theirs.shape[2]] = theirs
+                store[batch:batch + more, :, theirs.shape[2]:width] = 0
+        self.keys = self._key_store[:batch + more, :, :width]
+        self.values = self._value_store[:batch + more, :, :width]
+        return True
 
     def reset(self) -> None:
         self._key_store = self._value_store = None
         super().reset()
 
 
-def _is_front_of(view: torch.Tensor, store: torch.Tensor | None, columns: int) -> bool:
-    """Whether `view` is the first columns of `store` and `store` has at least `columns`."""
-    return (store is not None and view.data_ptr() == store.data_ptr() and view.shape[:2] == store.shape[:2]
-            and view.stride() == store.stride() and store.shape[2] >= columns)
+def _is_front_of(view: torch.Tensor, store: torch.Tensor | None, columns: int, batch: int | None = None) -> bool:
+    """Whether `view` is the first rows and columns of `store` and `store` has at least `columns` columns (and
+    `batch` rows)."""
+    return (store is not None and view.data_ptr() == store.data_ptr() and view.shape[1] == store.shape[1]
+            and view.shape[0] <= store.shape[0] and view.stride() == store.stride() and store.shape[2] >= columns
+            and (batch is None or store.shape[0] >= batch))
+
+
+def _writable(store: torch.Tensor) -> torch.inference_mode:
+    """Inference mode when the storage was made in it (only there may it be written in place)."""
+    return torch.inference_mode(store.is_inference())
+
+
+def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.long, device=device)
 
 
 def _with_room(parts: Sequence[torch.Tensor], width: int, columns: int) -> torch.Tensor:
@@ -128,20 +177,30 @@ def keep_verified(cache: Cache, old_lens: Sequence[int], physical: int,
 
 
 def merge(first: Cache | None, second: Cache) -> Cache:
-    """The two batches one after the other (batch dimension), the shorter padded to the longer's width, written
-    once into a new storage with room to grow."""
+    """The two batches one after the other (batch dimension), the shorter padded to the longer's width: written
+    into the rows `select` freed in the first's storage when they and its columns suffice (the first's entries stay
+    where they are), else once into a new storage with room to grow."""
     if first is None:
         return second
     width = max(first.get_seq_length(), second.get_seq_length())
-    return GrowingCache([GrowingLayer.holding(_with_room([a.keys, b.keys], width, width + GROWTH),
-                                              _with_room([a.values, b.values], width, width + GROWTH), width)
-                         for a, b in zip(first.layers, second.layers)])
+    layers = []
+    for a, b in zip(first.layers, second.layers):
+        if isinstance(a, GrowingLayer) and a.add_rows(b.keys, b.values, width):
+            layers.append(a)
+        else:
+            layers.append(GrowingLayer.holding(_with_room([a.keys, b.keys], width, width + GROWTH),
+                                               _with_room([a.values, b.values], width, width + GROWTH), width))
+    return GrowingCache(layers)
 
 
 def select(cache: Cache, rows: Sequence[int], width: int) -> Cache:
-    """Only the batch rows `rows` (in that order), cut to `width` columns (the longest valid length left)."""
-    index = torch.tensor(list(rows), dtype=torch.long, device=cache.layers[0].keys.device)
+    """Only the batch rows `rows` (in that order), cut to `width` columns (the longest valid length left). A growing
+    layer moves them down within its storage (`GrowingLayer.keep_rows`); other layers are copied."""
     for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, index)[:, :, :width]
-        layer.values = layer.values.index_select(0, index)[:, :, :width]
+        if isinstance(layer, GrowingLayer):
+            layer.keep_rows(rows, width)
+        else:
+            index = _index(rows, layer.keys.device)
+            layer.keys = layer.keys.index_select(0, index)[:, :, :width]
+            layer.values = layer.values.index_select(0, index)[:, :, :width]
     return cache
