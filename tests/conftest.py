@@ -1,8 +1,10 @@
 """Shared fixtures: tiny random models with random adapters, random prompts, the HF greedy reference, the oracle
 drafter and a one-sequence decoding run; the embedded model (marked `slow` where used)."""
 
+import importlib.util
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,17 @@ from maskspec.testing import tiny_model
 
 # Tiny test models run fastest on one thread; MASKSPEC_TEST_THREADS raises it.
 torch.set_num_threads(int(os.environ.get("MASKSPEC_TEST_THREADS", "1")))
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module, to call its functions and main in this process."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # Fixtures that load the embedded model or its tokenizer: a test using one is `slow` whether marked or not.
 EMBEDDED_FIXTURES = {"smollm", "served_files"}

@@ -2,7 +2,6 @@
 
 import contextlib
 import gzip
-import importlib.util
 import io
 import json
 import subprocess
@@ -11,18 +10,13 @@ from pathlib import Path
 
 from maskspec.train.distill import distill_record, load_done_ids, read_prompts
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "answers.py"
+from conftest import SCRIPTS, load_script
+
+SCRIPT = SCRIPTS / "answers.py"
 SETTINGS = {"model": "tiny", "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 0}
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("answers_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ANSWERS = _load_script()
+ANSWERS = load_script("answers")
 
 
 def _run(*args):

@@ -173,7 +173,7 @@ def test_the_growing_cache_equals_a_concatenating_one_and_copies_only_when_full(
     assert torch.equal(grow.layers[0].keys, plain.layers[0].keys)
     assert torch.equal(grow.layers[0].values, plain.layers[0].values)
     assert grow.layers[0].keys.data_ptr() == store
-    # The freed row holds whatever was left there; poison it: a newcomer must overwrite all of it it can be seen.
+    # The freed row holds whatever was left there; poison it: a newcomer must overwrite every column of it in view.
     grow.layers[0]._key_store[2:] = float("nan")
     grow.layers[0]._value_store[2:] = float("nan")
     # A newcomer merged after the batch takes the freed row: zero-padded to the wider one, in the same storage.

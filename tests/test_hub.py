@@ -35,7 +35,7 @@ def test_embedded_cache_is_atomic_and_fast_to_reload(tmp_path, monkeypatch, capf
     capfd.readouterr()
     path = hub.embedded_model_path()
     assert (path / "model.safetensors").is_file() and (path / "maskspec-cache-complete").is_file()
-    # Building the copy says so in one line; transformers' conversion bar stays out of a log (not a terminal).
+    # Building the copy says so in one line; transformers' conversion and loading bars stay out of it.
     err = capfd.readouterr().err
     assert "first use of the embedded model" in err and str(path) in err
     assert "GGUF" not in err and "\r" not in err

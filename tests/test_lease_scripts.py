@@ -3,23 +3,14 @@ find that one of them no longer starts."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from maskspec.decode.static import step_rows
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"lease_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_step_cost_model_times_passes_static_steps_and_trees(tmp_path, monkeypatch):
@@ -27,7 +18,7 @@ def test_step_cost_model_times_passes_static_steps_and_trees(tmp_path, monkeypat
     monkeypatch.setattr(sys, "argv", ["step_cost_model.py", "--shape", "tiny", "--device", "cpu", "--dtype", "fp32",
                                       "--ks", "0,2", "--past", "60", "--repeats", "2", "--warmup", "1", "--static",
                                       "--trees", "4", "--out", str(out)])
-    _script("step_cost_model").main()
+    load_script("step_cost_model").main()
     result = json.loads((out / "step_costs.json").read_text())
     assert set(result["ms_per_pass"]) == {"0", "2"}
     assert set(result["static_ms_per_step"]) == {"0", "2", "2-tree4"}
@@ -41,7 +32,7 @@ def test_profile_step_summarises_both_steps(tmp_path, monkeypatch):
     out = tmp_path / "profile"
     monkeypatch.setattr(sys, "argv", ["profile_step.py", "--device", "cpu", "--k", "2", "--steps", "3",
                                       "--threads", "1", "--out", str(out)])
-    _script("profile_step").main()
+    load_script("profile_step").main()
     result = json.loads((out / "profile.json").read_text())
     assert [(r["step"], r["k"], r["steps"]) for r in result["results"]] == [("usual", 2, 3), ("static", 2, 3)]
     for row in result["results"]:

@@ -66,13 +66,12 @@ class GrowingLayer(DynamicLayer):
         return (_is_front_of(self.keys, self._key_store, columns, batch)
                 and _is_front_of(self.values, self._value_store, columns, batch))
 
-    def keep_rows(self, rows: Sequence[int], width: int) -> None:
+    def keep_rows(self, rows: Sequence[int], width: int) -> bool:
         """Only the batch rows `rows` (in that order), cut to `width` columns, moved down in the storage itself:
-        only rows that change place are copied, and the rows freed at the end take a later `add_rows`."""
+        only rows that change place are copied, and the rows freed at the end take a later `add_rows`. False
+        (nothing changed) when the keys and values are not the front of their storage."""
         if not self._in_store(width):
-            self.keys = self.keys.index_select(0, _index(rows, self.keys.device))[:, :, :width]
-            self.values = self.values.index_select(0, _index(rows, self.values.device))[:, :, :width]
-            return
+            return False
         moves = [(dst, src) for dst, src in enumerate(rows) if dst != src]
         if moves:
             dst, src = (_index(column, self.keys.device) for column in zip(*moves))
@@ -81,6 +80,7 @@ class GrowingLayer(DynamicLayer):
                     store[dst, :, :width] = store[src, :, :width]  # the sources are read before any is written
         self.keys = self._key_store[:len(rows), :, :width]
         self.values = self._value_store[:len(rows), :, :width]
+        return True
 
     def add_rows(self, keys: torch.Tensor, values: torch.Tensor, width: int) -> bool:
         """Another batch's entries after this one's in the storage's free rows, both zero-padded to `width`; False
@@ -195,11 +195,10 @@ def merge(first: Cache | None, second: Cache) -> Cache:
 
 def select(cache: Cache, rows: Sequence[int], width: int) -> Cache:
     """Only the batch rows `rows` (in that order), cut to `width` columns (the longest valid length left). A growing
-    layer moves them down within its storage (`GrowingLayer.keep_rows`); other layers are copied."""
+    layer moves them down within its storage (`GrowingLayer.keep_rows`); other layers, or one not at the front of
+    its storage, are copied."""
     for layer in cache.layers:
-        if isinstance(layer, GrowingLayer):
-            layer.keep_rows(rows, width)
-        else:
+        if not (isinstance(layer, GrowingLayer) and layer.keep_rows(rows, width)):
             index = _index(rows, layer.keys.device)
             layer.keys = layer.keys.index_select(0, index)[:, :, :width]
             layer.values = layer.values.index_select(0, index)[:, :, :width]
