@@ -320,3 +320,28 @@ def test_loadtest_percentiles_interpolate_between_ranks():
     assert percentile(values, 50) == 2.5
     assert percentile(values, 99) == pytest.approx(3.97)
     assert percentile([7.0], 99) == 7.0
+
+
+def test_loadtest_runs_every_cell_and_counts_texts_that_agree(files, tmp_path, capsys):
+    """The loadtest end to end on a real server (the tiny float64 model, where every step's greedy text is the
+    same): every cell's texts agree with the ar cell of its level; a changed text is counted as a disagreement."""
+    from maskspec.serve import loadtest
+
+    out = tmp_path / "loadtest.json"
+    loadtest.main(["--model", str(files / "model"), "--adapter", str(files / "adapter"), "--dtype", "fp64",
+                   "--clients", "1,3", "--modes", "quadratic,ar", "--static", "--max-tokens", "8",
+                   "--max-batch", "4", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["clients"], r["mode"], r["static"]) for r in rows] == [
+        (c, m, s) for c in (1, 3) for m in ("quadratic", "ar") for s in (False, True)]
+    for r in rows:
+        assert r["same_text_as"] == "ar usual" and r["same_text"] == r["requests"] == r["clients"], r
+        assert r["tokens"] > 0 and "texts" not in r
+    assert "| quadratic | static | 3 | 3 |" in capsys.readouterr().out
+
+    level = [{"mode": "quadratic", "static": False, "texts": ["a", "b", "c"]}]
+    loadtest.mark_agreement(level, ("ar", False))
+    assert level[0]["same_text"] is None  # the reference has not run yet
+    level.append({"mode": "ar", "static": False, "texts": ["a", "B", "c"]})
+    loadtest.mark_agreement(level, ("ar", False))
+    assert [r["same_text"] for r in level] == [2, 3]

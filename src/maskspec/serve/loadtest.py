@@ -6,11 +6,14 @@
 Each (clients, mode) cell, in that order, starts the server in-process on a free 127.0.0.1 port (uvicorn in a
 thread), sends one warm-up request per client at once (so a static server has captured the step of every batch
 size the cell reaches), then lets every client send `--requests` greedy chat requests one after the other
-(distinct prompts, up to `--max-tokens` each or EOS). Throughput = completion tokens of all requests / wall time of the
-cell. Without --adapter the shipped adapter is used when there is one, else a random adapter (tokens/pass then
-stays near 1: the numbers show the overhead, not the gain, of speculation). With --static every cell runs again
-with the server's static step (`--max-batch` slots), right after its usual twin. --json is rewritten after every
-cell, so a run stopped early keeps the cells it finished.
+(distinct prompts, up to `--max-tokens` each or EOS). Throughput = completion tokens of all requests / wall time
+of the cell. Each cell also counts the requests whose text is the same as in the reference cell of its
+concurrency level (mode ar with the usual step when --modes has ar, else the first mode's usual cell): in fp32
+every greedy text agrees; in bf16 a pass over more rows, or another batch, can flip a near-tie (README,
+"Exactness"). Without --adapter the shipped adapter is used when there is one, else a random adapter
+(tokens/pass then stays near 1: the numbers show the overhead, not the gain, of speculation). With --static every
+cell runs again with the server's static step (`--max-batch` slots), right after its usual twin. --json is
+rewritten after every cell, so a run stopped early keeps the cells it finished.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def run_cell(mtp: object, mode: str, clients: int, requests: int, max_tokens: in
     finally:
         scheduler.stop()
     flat = [r for rs in results for r in rs]
+    texts = [r["choices"][0]["message"]["content"] for r in flat]  # request order, the same in every cell
     tokens = sum(r["usage"]["completion_tokens"] for r in flat)
     passes = sum(r["maskspec"]["forward_passes"] for r in flat)
     return {"mode": mode, "static": static, "clients": clients, "requests": len(flat), "tokens": tokens,
@@ -74,7 +78,17 @@ def run_cell(mtp: object, mode: str, clients: int, requests: int, max_tokens: in
             "tokens_per_second": round(tokens / wall, 2), "tokens_per_pass": round(tokens / passes, 3),
             "mean_latency_s": round(statistics.mean(r["maskspec"]["seconds"] for r in flat), 2),
             "p50_latency_s": round(percentile([r["latency_s"] for r in flat], 50), 3),
-            "p99_latency_s": round(percentile([r["latency_s"] for r in flat], 99), 3)}
+            "p99_latency_s": round(percentile([r["latency_s"] for r in flat], 99), 3), "texts": texts}
+
+
+def mark_agreement(level: list[dict], reference: tuple[str, bool]) -> None:
+    """Set `same_text_as` (the reference cell: mode, static) and `same_text` (how many requests got the
+    reference's text, None until the reference has run) on the cells of one concurrency level."""
+    ref = next((r for r in level if (r["mode"], r["static"]) == reference), None)
+    for row in level:
+        row["same_text_as"] = f"{reference[0]} {'static' if reference[1] else 'usual'}"
+        row["same_text"] = None if ref is None else sum(a == b for a, b in zip(row["texts"], ref["texts"],
+                                                                                 strict=True))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -108,25 +122,35 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model {mtp.model_name}, {adapter_note}, device {args.device}, torch threads {torch.get_num_threads()}, "
           f"max_tokens {args.max_tokens}, {args.requests} request(s) per client, max batch {args.max_batch}",
           flush=True)
-    rows = []
+    modes = args.modes.split(",")
+    reference = ("ar" if "ar" in modes else modes[0], False)
+    rows: list[dict] = []
     for clients in [int(c) for c in args.clients.split(",")]:
-        for mode in args.modes.split(","):
+        level: list[dict] = []
+        for mode in modes:
             for static in (False, True) if args.static else (False,):
-                row = run_cell(mtp, mode, clients, args.requests, args.max_tokens, args.max_batch, static)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                level.append(run_cell(mtp, mode, clients, args.requests, args.max_tokens, args.max_batch, static))
+                mark_agreement(level, reference)
+                print(json.dumps(_public(level[-1])), flush=True)
                 if args.json:
                     with open(args.json, "w") as f:
                         json.dump({"adapter": adapter_note, "device": args.device, "dtype": args.dtype,
-                                   "max_tokens": args.max_tokens, "max_batch": args.max_batch, "rows": rows}, f,
-                                  indent=2)
+                                   "max_tokens": args.max_tokens, "max_batch": args.max_batch,
+                                   "rows": [_public(r) for r in rows + level]}, f, indent=2)
+        rows += level
     print("\n| mode | step | clients | requests | tokens | seconds | tokens/s | tokens/pass | mean decode s | "
-          "p50 latency s | p99 latency s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "p50 latency s | p99 latency s | same text |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {'static' if r['static'] else 'usual'} | {r['clients']} | {r['requests']} | "
               f"{r['tokens']} | {r['seconds']} | {r['tokens_per_second']} | {r['tokens_per_pass']} | "
-              f"{r['mean_latency_s']} | {r['p50_latency_s']} | {r['p99_latency_s']} |")
+              f"{r['mean_latency_s']} | {r['p50_latency_s']} | {r['p99_latency_s']} | "
+              f"{r['same_text']}/{r['requests']} as {r['same_text_as']} |")
+
+
+def _public(row: dict) -> dict:
+    """A cell as printed and saved: without its texts."""
+    return {k: v for k, v in row.items() if k != "texts"}
 
 
 if __name__ == "__main__":
