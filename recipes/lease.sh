@@ -81,6 +81,14 @@ train() {  # NAME SECONDS [train options]
   tail -n 2 "$OUT/$name.log" | tee -a "$OUT/lease.log"
 }
 
+curve() {  # RUN...: held-out accuracy against rows seen (curve.md, curve.json; the plot is drawn back home)
+  local runs=()
+  for run in "$@"; do [ -f "$run/metrics.jsonl" ] && runs+=("$run"); done
+  if [ ${#runs[@]} -gt 0 ]; then
+    $MASKSPEC curve "${runs[@]}" --out "$OUT/curve" > "$OUT/curve.log" 2>&1 || log "curve failed (see curve.log)"
+  fi
+}
+
 case "$LEASE_TASK" in
   campaign)
     train adapter "$TRAIN_SECONDS" --init-adapter "$COMMITTED" --rank 16 --lr "${LR:-3e-4}" \
@@ -90,6 +98,7 @@ case "$LEASE_TASK" in
       log "acceptance of the $name adapter"
       acceptance "$name" "$adapter" --tree 8,16 --tree-k 8
     done
+    curve "$OUT/adapter"
     ;;
   objectives)
     train paper "$OBJECTIVE_SECONDS" --rank 16 --lr 5e-4
@@ -100,6 +109,7 @@ case "$LEASE_TASK" in
     for name in paper own-prev soft-targets no-lcm rank-64; do
       [ -f "$OUT/$name/adapter.safetensors" ] && acceptance "$name" "$OUT/$name"
     done
+    curve "$OUT"/{paper,own-prev,soft-targets,no-lcm,rank-64}
     ;;
   throughput)
     for attention in sdpa flex; do

@@ -1,4 +1,4 @@
-"""`maskspec distill` and `maskspec train`."""
+"""`maskspec distill`, `maskspec train` and `maskspec curve`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ TRAIN_HELP = """Train a mask-token adapter (mask embeddings, gated LoRA, sampler
 The base model stays frozen. Data parallel with `accelerate launch --num_processes N maskspec train ...`. \
 --out becomes a loadable adapter folder; it also holds metrics.jsonl and checkpoints/. An --out that already \
 holds training output needs --resume (continue it) or --overwrite (replace it)."""
+
+CURVE_HELP = """Held-out mask accuracy against the layout rows trained on, for one or more training runs: a table, and with --out a plot (curve.png), curve.md and curve.json.
+
+A run that started from an --init-adapter draws on from the rows that adapter had seen, when its config records them (training.rows_seen_total)."""
 
 
 def register(app: typer.Typer) -> None:
@@ -143,3 +147,30 @@ def register(app: typer.Typer) -> None:
                 summary += f"; held-out mask accuracy base {ev['acc_base_mean']:.3f}, " \
                            f"sampler {ev['acc_sampler_mean']:.3f}"
             typer.echo(summary)
+
+    @app.command("curve", help=CURVE_HELP)
+    def curve_cmd(
+        runs: list[Path] = typer.Argument(..., help="`maskspec train` --out folders (or their metrics.jsonl)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Folder for curve.png, curve.md and curve.json (a "
+                                           "new folder or an earlier `maskspec curve` output)."),
+        label: Optional[list[str]] = typer.Option(None, "--label", help="A name for each run, in order: one "
+                                                  "--label per run (default: the folder names)."),
+        offsets: str = typer.Option("1,2,4,8", "--offsets", help="Offsets of the sampler accuracy to show."),
+    ) -> None:
+        from maskspec.bench.cli import check_out_folder, parse_ints
+        from maskspec.errors import UsageError
+        from maskspec.train.curve import CURVE_JSON, read_curve, table, write_curves
+
+        wanted = parse_ints("--offsets", offsets, example="1,2,4,8")
+        labels = list(label or [])
+        if labels and len(labels) != len(runs):
+            raise UsageError(f"--label names {len(labels)} run(s) but {len(runs)} were given")
+        if out is not None:
+            check_out_folder(out, CURVE_JSON, "curve")
+        curves = [read_curve(run, labels[i] if labels else None) for i, run in enumerate(runs)]
+        typer.echo(table(curves, wanted), nl=False)
+        if out is not None:
+            written = write_curves(out, curves, wanted)
+            typer.echo(f"written: {', '.join(str(p) for p in written)}")
+            if not any(p.suffix == ".png" for p in written):
+                typer.echo("note: matplotlib is not installed; no plot (pip install maskspec[bench])")

@@ -251,9 +251,28 @@ def _finish(run: _Run, final_step: int, train_size: int) -> None:
                     "processes": run.procs.world, "train_examples": train_size, "eval_examples": len(run.held_out)}
         if run.result.evals:
             training["final_eval"] = {k: v for k, v in run.result.evals[-1].items() if k != "step"}
+        training.update(_rows_record(cfg, run.log.path))
         write_final_adapter(mtp, run.out, training)
     run.log.close()
     barrier()
+
+
+def _rows_record(cfg: TrainConfig, metrics: Path) -> dict[str, Any]:
+    """The layout rows behind the adapter, for `maskspec curve`: this run's (`rows_seen`, resumed steps included),
+    those of the --init-adapter (`rows_before`: None when its config does not record them) and their sum; plus the
+    init adapter's own training record, so a chain of continued runs keeps its history."""
+    from maskspec.adapter import read_adapter_config
+    from maskspec.train.curve import rows_seen
+
+    rows = rows_seen(metrics)
+    record: dict[str, Any] = {"rows_seen": rows}
+    if cfg.init_adapter is None:
+        return {**record, "rows_before": 0, "rows_seen_total": rows}
+    parent = read_adapter_config(cfg.init_adapter).training or {}
+    before = parent.get("rows_seen_total")
+    before = before if isinstance(before, int) and not isinstance(before, bool) else None
+    return {**record, "rows_before": before, "rows_seen_total": None if before is None else before + rows,
+            "init_adapter_training": parent or None}
 
 
 # ---------------------------------------------------------------------------------------------- setup
