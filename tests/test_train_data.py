@@ -69,6 +69,24 @@ def test_load_records_and_truncation(tmp_path, tokenizer):
     assert stats.examples[0].labelled[-1]  # truncated inside the reply: targets up to the cut
 
 
+@pytest.mark.slow  # the embedded model's tokenizer
+def test_records_tokenized_in_chunks_equal_each_alone(tokenizer, monkeypatch):
+    """tokenize_records encodes the renderings of many records per call: in chunks of any size, every example is
+    what assistant_mask gives its record alone (one turn, two replies, a system prompt, a user turn after the last reply; in order)."""
+    import maskspec.train.data as data
+
+    chats = [CHAT, CHAT[1:3], [{"role": "user", "content": "Name a colour."},
+                               {"role": "assistant", "content": "Blue."}], CHAT + [{"role": "user", "content": "Thanks."}]]
+    records = [(f"r{i}", {"id": f"r{i}", "messages": chats[i % 4]}) for i in range(7)]
+    alone = [assistant_mask(tokenizer, r["messages"], [tokenizer.eos_token_id]) for _, r in records]
+    for chunk in (1, 3, 512):
+        monkeypatch.setattr(data, "TOKENIZE_CHUNK", chunk)
+        stats = tokenize_records(tokenizer, records, max_length=1024, eos_token_ids=[tokenizer.eos_token_id])
+        assert [e.id for e in stats.examples] == [f"r{i}" for i in range(7)]
+        for e, (ids, labelled) in zip(stats.examples, alone):
+            assert e.input_ids.tolist() == ids and e.labelled.tolist() == labelled, (chunk, e.id)
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"id": 1, "messages": [', "d.jsonl:2: not valid JSON"),
     ('[1, 2]', "d.jsonl:2: expected a JSON object"),

@@ -128,13 +128,23 @@ def _load_with_datasets(source: str | Path, split: str, config_name: str | None)
 
 # ---------------------------------------------------------------------------------------------- tokenizing
 def _render(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
-    # The template already holds any special tokens (BOS etc.); do not let the tokenizer add them again.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return _encode(tokenizer, [_render_text(tokenizer, messages, add_generation_prompt)])[0]
+
+
+def _render_text(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of rendered chats, in one call (a fast tokenizer encodes a batch on all cores). The template
+    already holds any special tokens (BOS etc.); the tokenizer must not add them again."""
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case, compared at C speed
+        return n
     i = 0
     while i < n and a[i] == b[i]:
         i += 1
@@ -149,21 +159,47 @@ def assistant_mask(tokenizer: Any, messages: Sequence[dict[str, str]],
     render(messages[:i+1]), both measured as common prefixes with the full rendering (robust to templates that
     rewrite earlier turns or merge tokens at a boundary). Tokens after the reply's last end-of-turn token (e.g.
     the newline after <|im_end|>) are not targets: decoding stops at that token."""
-    ids = _render(tokenizer, messages, add_generation_prompt=False)
-    labelled = [False] * len(ids)
+    return assistant_masks(tokenizer, [messages], eos_token_ids)[0]
+
+
+def assistant_masks(tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]],
+                    eos_token_ids: Sequence[int] = ()) -> list[tuple[list[int], list[bool]]]:
+    """`assistant_mask` of each conversation; all their renderings are tokenized in one call."""
+    texts: list[str] = []
+    plans: list[tuple[int, list[tuple[int, int | None]]]] = []  # per chat: its full text, per reply (start, end)
+    for messages in conversations:
+        full = len(texts)
+        texts.append(_render_text(tokenizer, messages, add_generation_prompt=False))
+        turns = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start, end = len(texts), None
+            texts.append(_render_text(tokenizer, messages[:i], add_generation_prompt=True))
+            if i != len(messages) - 1:  # the last reply ends with the chat
+                end = len(texts)
+                texts.append(_render_text(tokenizer, messages[: i + 1], add_generation_prompt=False))
+            turns.append((start, end))
+        plans.append((full, turns))
+    encoded = _encode(tokenizer, texts) if texts else []
     eos = set(int(e) for e in eos_token_ids)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = _common_prefix(_render(tokenizer, messages[:i], add_generation_prompt=True), ids)
-        end = len(ids) if i == len(messages) - 1 else _common_prefix(
-            _render(tokenizer, messages[: i + 1], add_generation_prompt=False), ids)
-        last_eos = max((j for j in range(start, end) if ids[j] in eos), default=None)
-        if last_eos is not None:
-            end = last_eos + 1
-        for j in range(start, end):
-            labelled[j] = True
-    return ids, labelled
+    out = []
+    for full, turns in plans:
+        ids = encoded[full]
+        labelled = [False] * len(ids)
+        for start_text, end_text in turns:
+            start = _common_prefix(encoded[start_text], ids)
+            end = len(ids) if end_text is None else _common_prefix(encoded[end_text], ids)
+            last_eos = max((j for j in range(start, end) if ids[j] in eos), default=None)
+            if last_eos is not None:
+                end = last_eos + 1
+            for j in range(start, end):
+                labelled[j] = True
+        out.append((ids, labelled))
+    return out
+
+
+TOKENIZE_CHUNK = 512  # records whose renderings are tokenized in one call
 
 
 def tokenize_records(tokenizer: Any, records: Sequence[tuple[str, dict[str, Any]]], max_length: int,
@@ -173,8 +209,10 @@ def tokenize_records(tokenizer: Any, records: Sequence[tuple[str, dict[str, Any]
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("the model's tokenizer has no chat template; train on a chat/instruct model")
     stats = TokenizeStats(records=len(records))
-    for where, record in records:
-        ids, labelled = assistant_mask(tokenizer, record["messages"], eos_token_ids)
+    masks = (mask for s in range(0, len(records), TOKENIZE_CHUNK)  # chunks: the token lists of all at once are big
+             for mask in assistant_masks(tokenizer, [r["messages"] for _, r in records[s:s + TOKENIZE_CHUNK]],
+                                         eos_token_ids))
+    for (where, record), (ids, labelled) in zip(records, masks, strict=True):
         if len(ids) > max_length:
             stats.truncated += 1
             ids, labelled = ids[:max_length], labelled[:max_length]
