@@ -34,7 +34,7 @@ def evaluate(mtp, examples: Sequence[Example], batch_size: int, *, bf16: bool = 
     mine = list(examples)[rank::world]
     device = torch.device(device)
     for s in range(0, len(mine), batch_size):
-        batch = make_batch(mine[s:s + batch_size], k, normals_first=normals_first).to(device)
+        batch = make_batch(mine[s:s + batch_size], k, normals_first=normals_first, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             hidden = mtp.forward_rows(batch.token_ids, batch.mask_slot, batch.position_ids, batch.attention,
                                       batch.key_positions).hidden

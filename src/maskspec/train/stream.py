@@ -32,10 +32,10 @@ class DataStream:
     def block_seed(self, position: int) -> int:
         return (self.seed * 2_654_435_761 + position * 40_503 + 17) % (2**62)
 
-    def micro_batches(self, step: int, cfg: TrainConfig, rank: int, world: int,
-                      pad_token_id: int) -> list[TrainBatch]:
-        """This process's `cfg.grad_accum` micro-batches of optimizer step `step`: micro-batch a of process r
-        takes the `cfg.batch_size` positions from step * G + (a * world + r) * batch_size on."""
+    def micro_batches(self, step: int, cfg: TrainConfig, rank: int, world: int, pad_token_id: int,
+                      device: torch.device | str = "cpu") -> list[TrainBatch]:
+        """This process's `cfg.grad_accum` micro-batches of optimizer step `step`, built on `device`: micro-batch
+        a of process r takes the `cfg.batch_size` positions from step * G + (a * world + r) * batch_size on."""
         micro = []
         for a in range(cfg.grad_accum):
             first = step * cfg.global_batch(world) + (a * world + rank) * cfg.batch_size
@@ -43,5 +43,5 @@ class DataStream:
             micro.append(make_batch([self.examples[self.index(p)] for p in positions], cfg.k,
                                     block_fraction=cfg.block_fraction, max_blocks=cfg.max_blocks,
                                     seeds=[self.block_seed(p) for p in positions], pad_token_id=pad_token_id,
-                                    normals_first=cfg.attention == "flex"))
+                                    normals_first=cfg.attention == "flex", device=device))
         return micro

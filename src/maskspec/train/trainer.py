@@ -163,7 +163,7 @@ def _optimizer_step(run: _Run, step: int) -> dict[str, Any]:
     t0 = run.clock()
     # This process's micro-batches, built first so the loss normalisers (row counts over the whole global batch)
     # are known before the first backward.
-    micro = run.stream.micro_batches(step, cfg, procs.rank, procs.world, run.pad_token_id)
+    micro = run.stream.micro_batches(step, cfg, procs.rank, procs.world, run.pad_token_id, procs.device)
     local = RowCounts()
     for b in micro:
         local = local + row_counts(b)
@@ -174,7 +174,7 @@ def _optimizer_step(run: _Run, step: int) -> dict[str, Any]:
 
     sums = torch.zeros(len(LOSS_NAMES) + 1, dtype=torch.float64)
     for b in micro:
-        sums += _backward(run, b.to(procs.device), norm)
+        sums += _backward(run, b, norm)
     all_reduce_gradients_(run.params)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
