@@ -119,6 +119,9 @@ case "$LEASE_TASK" in
       train "rows-$attention" "${THROUGHPUT_SECONDS:-90}" --init-adapter "$COMMITTED" --rank 16 --lr 3e-4 \
         --attention "$attention"
     done
+    # and the losses in fewer, larger output-head calls (no recomputed logits below 8192 labelled rows)
+    train rows-flex-chunk8192 "${THROUGHPUT_SECONDS:-90}" --init-adapter "$COMMITTED" --rank 16 --lr 3e-4 \
+      --attention flex --chunk-rows 8192
     $PY - "$OUT" <<'PY' | tee -a "$OUT/lease.log"
 import json, statistics, sys
 from pathlib import Path

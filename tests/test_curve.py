@@ -72,8 +72,8 @@ def test_curve_places_each_evaluation_at_the_rows_trained_on(runs):
 def test_curve_command_writes_the_table_plot_and_json(runs, capsys, tmp_path):
     root, first, second = runs
     out = tmp_path / "curve"
-    code, printed, err = _cli(capsys, "curve", str(root / "first"), str(root / "second"), "--label", "a", "--label", "b",
-                              "--offsets", "1,3", "--out", str(out))
+    code, printed, err = _cli(capsys, "curve", str(root / "first"), str(root / "second"), "--label", "a",
+                              "--label", "b", "--offsets", "1,3", "--out", str(out))
     assert code == 0, err
     assert "| run | step | rows seen | sampler +1 | sampler +3 | sampler mean | base +1 |" in printed
     assert f"| b | 3 | {second['rows_seen_total']:,} |" in printed

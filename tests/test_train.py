@@ -343,6 +343,8 @@ def test_interrupted_checkpoint_save_keeps_last_good(tmp_path, monkeypatch):
 def test_bad_options_raise_user_errors(tmp_path):
     with pytest.raises(TrainError, match="block-fraction"):
         train(_cfg(tmp_path / "x", block_fraction=0.0), mtp=tiny_mtp(), examples=synthetic_examples(2))
+    with pytest.raises(TrainError, match="--chunk-rows must be >= 1"):
+        train(_cfg(tmp_path / "z", chunk_rows=0), mtp=tiny_mtp(), examples=synthetic_examples(2))
     with pytest.raises(TrainError, match="k=3"):
         train(_cfg(tmp_path / "y", k=4), mtp=tiny_mtp(k=3), examples=synthetic_examples(2))
 

@@ -72,11 +72,13 @@ def test_load_records_and_truncation(tmp_path, tokenizer):
 @pytest.mark.slow  # the embedded model's tokenizer
 def test_records_tokenized_in_chunks_equal_each_alone(tokenizer, monkeypatch):
     """tokenize_records encodes the renderings of many records per call: in chunks of any size, every example is
-    what assistant_mask gives its record alone (one turn, two replies, a system prompt, a user turn after the last reply; in order)."""
+    what assistant_mask gives its record alone (one turn, two replies, a system prompt, a user turn after the last
+    reply; in order)."""
     import maskspec.train.data as data
 
-    chats = [CHAT, CHAT[1:3], [{"role": "user", "content": "Name a colour."},
-                               {"role": "assistant", "content": "Blue."}], CHAT + [{"role": "user", "content": "Thanks."}]]
+    chats = [CHAT, CHAT[1:3],
+             [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
+             CHAT + [{"role": "user", "content": "Thanks."}]]
     records = [(f"r{i}", {"id": f"r{i}", "messages": chats[i % 4]}) for i in range(7)]
     alone = [assistant_mask(tokenizer, r["messages"], [tokenizer.eos_token_id]) for _, r in records]
     for chunk in (1, 3, 512):

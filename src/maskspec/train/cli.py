@@ -18,9 +18,11 @@ The base model stays frozen. Data parallel with `accelerate launch --num_process
 --out becomes a loadable adapter folder; it also holds metrics.jsonl and checkpoints/. An --out that already \
 holds training output needs --resume (continue it) or --overwrite (replace it)."""
 
-CURVE_HELP = """Held-out mask accuracy against the layout rows trained on, for one or more training runs: a table, and with --out a plot (curve.png), curve.md and curve.json.
+CURVE_HELP = """Held-out mask accuracy against the layout rows trained on, for one or more training runs: a \
+table, and with --out a plot (curve.png), curve.md and curve.json.
 
-A run that started from an --init-adapter draws on from the rows that adapter had seen, when its config records them (training.rows_seen_total)."""
+A run that started from an --init-adapter draws on from the rows that adapter had seen, when its config \
+records them (training.rows_seen_total)."""
 
 
 def register(app: typer.Typer) -> None:
@@ -100,6 +102,9 @@ def register(app: typer.Typer) -> None:
         sampler_prev: str = typer.Option("true", "--sampler-prev", help="The sampler's previous token at masks "
                                          "after the first: true (teacher forcing) or own (its own prediction at the "
                                          "mask before, as in decoding)."),
+        chunk_rows: int = typer.Option(1024, "--chunk-rows", help="Labelled mask rows per output-head call in the "
+                                       "losses; a batch with more recomputes each chunk's logits in backward "
+                                       "(less memory). Larger on a big GPU: fewer, larger calls."),
         save_every: int = typer.Option(500, "--save-every", help="Checkpoint every N steps (and at the end)."),
         keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Checkpoints kept."),
         eval_every: int = typer.Option(0, "--eval-every", help="Held-out accuracy every N steps (and at the end)."),
@@ -129,7 +134,8 @@ def register(app: typer.Typer) -> None:
                           attention=attention,
                           max_length=max_length, block_fraction=block_fraction, max_blocks=max_blocks,
                           ce_weight=ce_weight, sampler_weight=sampler_weight, lcm_weight=lcm_weight,
-                          kl_weight=kl_weight, sampler_prev=sampler_prev, save_every=save_every,
+                          kl_weight=kl_weight, sampler_prev=sampler_prev, chunk_rows=chunk_rows,
+                          save_every=save_every,
                           keep_checkpoints=keep_checkpoints,
                           eval_every=eval_every, eval_size=eval_size, resume=resume, overwrite=overwrite,
                           init_adapter=str(init_adapter) if init_adapter is not None else None,

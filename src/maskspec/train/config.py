@@ -54,7 +54,7 @@ class TrainConfig:
     lcm_weight: float = 1.0
     kl_weight: float = 0.0
     sampler_prev: str = "true"  # the sampler's previous token in training: "true" or "own" (losses.LossWeights)
-    chunk_rows: int = 1024
+    chunk_rows: int = 1024  # labelled mask rows per output-head call; above it the logits are recomputed in backward
     # draft vocabulary saved with the adapter: the N most frequent answer tokens of the data (0: full vocabulary)
     draft_vocab: int = 8192
     # bookkeeping
@@ -95,7 +95,7 @@ class TrainConfig:
             (self.sampler_prev in SAMPLER_PREVS, "--sampler-prev must be 'true' or 'own'"),
             (self.attention in ATTENTIONS, "--attention must be 'sdpa' or 'flex'"),
             (self.save_every >= 1, "--save-every must be >= 1"), (self.eval_every >= 0, "--eval-every must be >= 0"),
-            (self.draft_vocab >= 0, "--draft-vocab must be >= 0"),
+            (self.draft_vocab >= 0, "--draft-vocab must be >= 0"), (self.chunk_rows >= 1, "--chunk-rows must be >= 1"),
             (self.time_limit is None or self.time_limit > 0, "--time-limit must be > 0 seconds"),
             (min(self.ce_weight, self.sampler_weight, self.lcm_weight, self.kl_weight) >= 0,
              "loss weights must be >= 0"),
