@@ -107,6 +107,12 @@ def test_curve_rejects_a_file_that_is_not_training_metrics(tmp_path, capsys):
     bad.write_text('{"step": 1, "rows": 5}\nnot json\n')
     code, _, err = _cli(capsys, "curve", str(bad))
     assert code == 2 and f"{bad}:2: not a metrics line" in err
+    bad.write_text('{"step": 1, "rows": "many"}\n')
+    code, _, err = _cli(capsys, "curve", str(bad))
+    assert code == 2 and f"{bad}:1: not a metrics line" in err
+    bad.write_text('{"step": 1, "rows": 5}\n{"eval": true, "step": 1, "acc_sampler": ["x"]}\n')
+    code, _, err = _cli(capsys, "curve", str(bad))
+    assert code == 2 and "the evaluation at step 1 has no per-offset accuracies" in err
     bad.write_text('{"step": 1, "rows": 5}\n')
     code, _, err = _cli(capsys, "curve", str(bad))
     assert code == 2 and "no evaluation lines" in err

@@ -70,9 +70,9 @@ def read_curve(run: str | Path, label: str | None = None) -> Curve:
             at += 1
         ev = evals[step]
         try:
-            curve.points.append(CurvePoint(step, (rows_before or 0) + rows, tokens, list(ev["acc_sampler"]),
-                                           list(ev["acc_base"]), float(ev["acc_sampler_mean"]),
-                                           float(ev["acc_base_mean"])))
+            curve.points.append(CurvePoint(step, (rows_before or 0) + rows, tokens,
+                                           [float(a) for a in ev["acc_sampler"]], [float(a) for a in ev["acc_base"]],
+                                           float(ev["acc_sampler_mean"]), float(ev["acc_base_mean"])))
         except (KeyError, TypeError, ValueError):
             raise MaskspecError(f"{metrics}: the evaluation at step {step} has no per-offset accuracies") from None
     curve.steps = len(steps)
@@ -87,7 +87,7 @@ def _rows_before(run: Path) -> int | None:
         value = config["training"]["rows_before"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return int(value) if isinstance(value, int) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def rows_seen(metrics: Path) -> int:
@@ -109,7 +109,10 @@ def _read_metrics(metrics: Path) -> tuple[dict[int, dict[str, Any]], dict[int, d
         try:
             record = json.loads(line)
             step = int(record["step"])
-        except (ValueError, KeyError, TypeError):
+            if not record.get("eval"):  # the step's counts, as numbers (they are summed)
+                record = {**record, "rows": int(record.get("rows", 0)), "tokens": int(record.get("tokens", 0)),
+                          "seconds": float(record.get("seconds", 0.0))}
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise MaskspecError(f"{metrics}:{number}: not a metrics line of `maskspec train`") from None
         (evals if record.get("eval") else steps)[step] = record
     return steps, evals
