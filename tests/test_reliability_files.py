@@ -372,3 +372,76 @@ def test_train_bad_numbers_are_one_line(option, expected, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2 and err.startswith("error:") and expected in err and "\n" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------ places nothing can be written
+# /proc refuses new entries even to root (for whom permission bits do not count): a place every Linux CI has.
+UNWRITABLE = Path("/proc/maskspec-test-out/result")
+needs_proc = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+
+
+def test_unwritable_reason_names_what_stops_a_write(tmp_path):
+    from maskspec.files import unwritable_reason
+
+    assert unwritable_reason(tmp_path / "new" / "deeper" / "out.jsonl") is None
+    assert unwritable_reason(tmp_path) is None
+    assert list(tmp_path.iterdir()) == []  # the write test leaves nothing behind
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me\n")
+    assert unwritable_reason(a_file) is None
+    assert unwritable_reason(a_file / "out") == f"{a_file} is not a folder; choose another --out"
+    if Path("/proc/self").is_dir():
+        assert unwritable_reason(UNWRITABLE).startswith("nothing can be written in /proc (")
+
+
+@needs_proc
+@pytest.mark.parametrize("command", ["distill", "train", "bench", "acceptance", "curve"])
+def test_an_out_where_nothing_can_be_written_is_refused_before_any_work(command, tmp_path, prompts, records,
+                                                                          tiny_adapter, capsys):
+    argv = {"distill": ["distill", "--prompts", str(prompts), "--model", NO_MODEL],
+            "train": _train_argv(UNWRITABLE, records),
+            "bench": ["bench", "--model", NO_MODEL, "--adapter", str(tiny_adapter), "--device", "cpu"],
+            "acceptance": ["acceptance", "--model", NO_MODEL, "--adapter", str(tiny_adapter), "--device", "cpu"],
+            "curve": ["curve", str(tmp_path / "no-such-run")]}[command]
+    if "--out" not in argv:
+        argv += ["--out", str(UNWRITABLE)]
+    message = run_error(argv, capsys)
+    # Refused for the place, before the model (or the runs) were read: a later check would name those instead.
+    assert message.startswith(f"error: --out {UNWRITABLE}: nothing can be written in /proc"), message
+    assert message.endswith("choose another --out")
+
+
+@needs_proc
+def test_files_that_fail_to_read_are_one_line(tmp_path, capsys):
+    # /proc/self/mem opens but every read fails (EIO): a file that exists and still cannot be read.
+    message = run_error(["bench", "--suite", "/proc/self/mem", "--model", NO_MODEL], capsys)
+    assert message == "error: cannot read suite file /proc/self/mem: Input/output error"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to("/proc/self/mem")
+    message = run_error(["curve", str(run)], capsys)
+    assert message == f"error: cannot read {run / 'metrics.jsonl'}: Input/output error"
+
+
+def test_a_file_system_error_mid_run_is_one_line(tmp_path, capsys, monkeypatch):
+    """A disk that fills while the results are written: one error line naming the file, exit 1, no traceback."""
+    import errno
+
+    import maskspec.files
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "rows": 10, "seconds": 1.0}) + "\n" + json.dumps(
+        {"step": 1, "eval": True, "acc_sampler": [0.5], "acc_base": [0.4], "acc_sampler_mean": 0.5,
+         "acc_base_mean": 0.4}) + "\n")
+
+    def disk_full(path, data, mode=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(maskspec.files, "atomic_write_bytes", disk_full)
+    with pytest.raises(SystemExit) as exc:
+        main(["curve", str(run), "--out", str(tmp_path / "curve")])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert exc.value.code == 1, captured
+    assert lines == [f"error: {tmp_path / 'curve' / 'curve.json'}: No space left on device"], captured.err

@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     except click_errors.ClickException as exc:  # e.g. a file option that cannot be opened
         typer.secho(f"error: {_one_line(exc.format_message())}", err=True, fg=typer.colors.RED)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # the file system refused mid-run (a full disk, a folder made read-only): one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.secho(f"error: {where}{_one_line(exc.strerror or exc)}", err=True, fg=typer.colors.RED)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 

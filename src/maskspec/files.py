@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import stat
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -137,10 +138,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def blocking_parent(path: str | Path) -> Path | None:
-    """The nearest existing ancestor of `path` when it is not a folder (so `path` could never be created), else
-    None. Callers turn it into their own one-line error."""
-    for parent in Path(path).parents:
-        if parent.exists():
-            return None if parent.is_dir() else parent
+def unwritable_reason(path: str | Path) -> str | None:
+    """Why `path` (a file or folder a command is about to create, append to or replace) cannot be written, in words
+    that follow "--out PATH: ", or None when it can. Meant for before a command loads a model or computes
+    anything, so that no result is lost at the end. The folder that will hold the new entries (`path` itself when
+    it is a folder, else its nearest existing ancestor) must let a folder be made in it: that is tried, and the
+    try removed, because permission bits say nothing for root, read-only mounts or virtual file systems. An
+    existing file must be writable."""
+    path = Path(path).absolute()
+    holder = path if path.is_dir() else next(parent for parent in path.parents if parent.exists())
+    if not holder.is_dir():
+        return f"{holder} is not a folder; choose another --out"
+    if path.is_file() and not os.access(path, os.W_OK):
+        return f"{path} is not writable; choose another --out"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=holder))
+    except OSError as exc:
+        return f"nothing can be written in {holder} ({(exc.strerror or str(exc)).lower()}); choose another --out"
     return None

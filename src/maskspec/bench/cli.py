@@ -10,7 +10,7 @@ from typing import Any, Optional
 import typer
 
 from maskspec.errors import MaskspecError, UsageError
-from maskspec.files import blocking_parent
+from maskspec.files import unwritable_reason
 
 DEFAULT_KS = (1, 2, 4, 8)
 
@@ -55,9 +55,9 @@ def check_choices(option: str, values: list[str], allowed: tuple[str, ...]) -> l
 def check_out_folder(out: Path, marker: str, command: str) -> None:
     """An --out folder that a command may write into: missing, empty, or an earlier output of the same command
     (`marker` holds a JSON object with "config" and "results"). Anything else is someone else's: UsageError."""
-    parent = blocking_parent(out)
-    if parent is not None:
-        raise UsageError(f"--out {out}: {parent} is not a folder; choose another --out")
+    reason = unwritable_reason(out)
+    if reason is not None:
+        raise UsageError(f"--out {out}: {reason}")
     if not out.exists():
         return
     if not out.is_dir():

@@ -78,6 +78,8 @@ def load_suite(path: str | Path | None = None) -> list[BenchPrompt]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise MaskspecError(f"suite file {path} is not UTF-8 text ({exc})") from None
+    except OSError as exc:
+        raise MaskspecError(f"cannot read suite file {path}: {exc.strerror or exc}") from None
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from maskspec.files import atomic_folder, atomic_write_bytes, blocking_parent
+from maskspec.files import atomic_folder, atomic_write_bytes, unwritable_reason
 from maskspec.train.config import TrainConfig, TrainError
 from maskspec.train.distributed import barrier
 from maskspec.train.metrics import METRICS_FILE, TENSORBOARD_DIR
@@ -122,9 +122,9 @@ def check_output_folder(cfg: TrainConfig) -> None:
     out = Path(cfg.out)
     if cfg.resume and cfg.overwrite:
         raise TrainError("--resume continues the run in --out, --overwrite replaces it: pass only one of them")
-    parent = blocking_parent(out)
-    if parent is not None:
-        raise TrainError(f"--out {out}: {parent} is not a folder; choose another --out")
+    reason = unwritable_reason(out)
+    if reason is not None:
+        raise TrainError(f"--out {out}: {reason}")
     if not out.exists():
         return
     if not out.is_dir():

@@ -103,7 +103,11 @@ def _read_metrics(metrics: Path) -> tuple[dict[int, dict[str, Any]], dict[int, d
     run: the last line counts)."""
     steps: dict[int, dict[str, Any]] = {}
     evals: dict[int, dict[str, Any]] = {}
-    for number, line in enumerate(metrics.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    try:
+        text = metrics.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise MaskspecError(f"cannot read {metrics}: {exc.strerror or exc}") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

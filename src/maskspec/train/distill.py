@@ -31,7 +31,7 @@ import torch
 from maskspec.bench.suites import take_turns
 from maskspec.decode.stopping import cut_at_eos, openai_finish_reason
 from maskspec.errors import PromptTooLongError, UsageError
-from maskspec.files import blocking_parent
+from maskspec.files import unwritable_reason
 from maskspec.train.data import DataError, _render, check_messages, iter_jsonl
 
 
@@ -187,9 +187,9 @@ def _check_out_path(out: Path, prompts: Path) -> None:
     """--out must be a file path (missing or a file) that is not the prompt file."""
     if out.exists() and not out.is_file():
         raise DataError(f"--out {out} is not a file; distill writes a JSONL file: choose a file path for --out")
-    parent = blocking_parent(out)
-    if parent is not None:
-        raise DataError(f"--out {out}: {parent} is not a folder; choose another --out")
+    reason = unwritable_reason(out)
+    if reason is not None:
+        raise DataError(f"--out {out}: {reason}")
     same = out.resolve() == prompts.resolve()
     if not same and out.exists() and prompts.exists():
         same = os.path.samefile(out, prompts)
