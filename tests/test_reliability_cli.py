@@ -60,6 +60,8 @@ CASES = [
     (["serve", "--max-batch", "0"], ["--max-batch"]),
     (["serve", "--device", "cuda", "--port", "0"], ["cuda"]),
     (["serve", "--host", "no-such-host.invalid", "--port", "0"], ["no-such-host.invalid"]),
+    (["serve", "--log-level", "loud", "--port", "0"], ["--log-level", "warning"]),
+    (["serve", "--api-key", " ", "--port", "0"], ["--api-key", "blank"]),
 ]
 
 

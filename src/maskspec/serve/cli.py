@@ -12,6 +12,22 @@ from maskspec.decode.static import check_static
 from maskspec.decode.steps import resolve_k, resolve_tree
 from maskspec.errors import MaskspecError
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+def check_log_level(level: str) -> str:
+    if level.lower() not in LOG_LEVELS:
+        raise typer.BadParameter(f"choose one of {', '.join(LOG_LEVELS)}")
+    return level.lower()
+
+
+def check_api_key(key: str | None) -> str | None:
+    """A blank key would let in every request that sends a blank Bearer token: refused. (An empty
+    MASKSPEC_API_KEY counts as unset.)"""
+    if key is not None and not key.strip():
+        raise typer.BadParameter("is blank; give a key, or leave --api-key out to serve without one")
+    return key
+
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
@@ -20,7 +36,7 @@ def register(app: typer.Typer) -> None:
         adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="Adapter folder, or 'default'."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
         port: int = typer.Option(8000, "--port", min=0, max=65535),
-        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MASKSPEC_API_KEY",
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MASKSPEC_API_KEY", callback=check_api_key,
                                               help="Require 'Authorization: Bearer KEY' on /v1 endpoints."),
         max_batch: int = typer.Option(8, "--max-batch", min=1, help="Requests decoded together."),
         max_queue: int = typer.Option(64, "--max-queue", min=0,
@@ -39,7 +55,8 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("fp32", "--dtype"),
         device: str = typer.Option("cpu", "--device"),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
-        log_level: str = typer.Option("info", "--log-level"),
+        log_level: str = typer.Option("info", "--log-level", callback=check_log_level,
+                                      help=f"Server log level: {', '.join(LOG_LEVELS)}."),
     ) -> None:
         """Serve the model over an OpenAI-compatible API (chat and text completions, streaming)."""
         try:
