@@ -365,6 +365,7 @@ def test_bench_reports_warm_up_and_each_prompt(tmp_path, tiny_chat, capsys):
 @pytest.mark.parametrize("option,expected", [
     (["--lr", "nan"], "--lr"), (["--grad-clip", "nan"], "--grad-clip"), (["--dropout", "1.5"], "--dropout"),
     (["--alpha", "0"], "--alpha"), (["--weight-decay", "-1"], "--weight-decay"), (["--kl-weight", "inf"], "--kl-weight"),
+    (["--eval-size", "-1"], "--eval-size"), (["--keep-checkpoints", "-2"], "--keep-checkpoints"),
 ])
 def test_train_bad_numbers_are_one_line(option, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:

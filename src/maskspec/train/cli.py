@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
                                        "losses; a batch with more recomputes each chunk's logits in backward "
                                        "(less memory). Larger on a big GPU: fewer, larger calls."),
         save_every: int = typer.Option(500, "--save-every", help="Checkpoint every N steps (and at the end)."),
-        keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Checkpoints kept."),
+        keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Newest checkpoints kept (0: all)."),
         eval_every: int = typer.Option(0, "--eval-every", help="Held-out accuracy every N steps (and at the end)."),
         eval_size: int = typer.Option(32, "--eval-size", help="Held-out examples (at most a tenth of the data)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),

@@ -96,6 +96,8 @@ class TrainConfig:
             (self.attention in ATTENTIONS, "--attention must be 'sdpa' or 'flex'"),
             (self.save_every >= 1, "--save-every must be >= 1"), (self.eval_every >= 0, "--eval-every must be >= 0"),
             (self.draft_vocab >= 0, "--draft-vocab must be >= 0"), (self.chunk_rows >= 1, "--chunk-rows must be >= 1"),
+            (self.eval_size >= 0, "--eval-size must be >= 0 (0: no held-out records)"),
+            (self.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0 (0: keep every checkpoint)"),
             (self.time_limit is None or self.time_limit > 0, "--time-limit must be > 0 seconds"),
             (min(self.ce_weight, self.sampler_weight, self.lcm_weight, self.kl_weight) >= 0,
              "loss weights must be >= 0"),
