@@ -141,16 +141,16 @@ def _fsync_dir(path: Path) -> None:
 def unwritable_reason(path: str | Path) -> str | None:
     """Why `path` (a file or folder a command is about to create, append to or replace) cannot be written, in words
     that follow "--out PATH: ", or None when it can. Meant for before a command loads a model or computes
-    anything, so that no result is lost at the end. The folder that will hold the new entries (`path` itself when
-    it is a folder, else its nearest existing ancestor) must let a folder be made in it: that is tried, and the
-    try removed, because permission bits say nothing for root, read-only mounts or virtual file systems. An
-    existing file must be writable."""
+    anything, so that no result is lost at the end. An existing file must be writable; otherwise the folder that
+    will hold the new entries (`path` itself when it is a folder, else its nearest existing ancestor) must let a
+    folder be made in it: that is tried, and the try removed, because permission bits say nothing for root,
+    read-only mounts or virtual file systems."""
     path = Path(path).absolute()
+    if path.is_file():  # appended to or replaced in place
+        return None if os.access(path, os.W_OK) else f"{path} is not writable; choose another --out"
     holder = path if path.is_dir() else next(parent for parent in path.parents if parent.exists())
     if not holder.is_dir():
         return f"{holder} is not a folder; choose another --out"
-    if path.is_file() and not os.access(path, os.W_OK):
-        return f"{path} is not writable; choose another --out"
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=holder))
     except OSError as exc:
