@@ -102,6 +102,34 @@ def test_prompt_selection(tmp_path, prompts):
         assert max(prefix.count(d) for d in counts) - min(prefix.count(d) for d in counts) <= 1, prefix
     assert balanced == select_prompts(rows, balanced=True, seed=0)
     assert balanced != select_prompts(rows, balanced=True, seed=1)
+    # Shards of three split the selection (after --limit) into every third prompt, from the first, second, third.
+    shards = [select_prompts(rows, balanced=True, seed=0, limit=6, shard=(i, 3)) for i in range(3)]
+    assert [len(s) for s in shards] == [2, 2, 2]
+    assert [shards[i % 3][i // 3] for i in range(6)] == balanced[:6]
+
+
+@pytest.mark.slow  # the embedded model's tokenizer
+def test_shards_write_the_answers_of_the_whole_run(tmp_path, prompts, chat_model):
+    whole = tmp_path / "whole.jsonl"
+    distill(_cfg(prompts, whole, chat_model, balanced=True))
+    records = [json.loads(line) for line in whole.read_text().splitlines()]
+    parts = []
+    for i in range(2):
+        out = tmp_path / f"shard{i}.jsonl"
+        stats = distill(_cfg(prompts, out, chat_model, balanced=True, shard=(i, 2)))
+        assert stats.selected == stats.written == (4, 3)[i]
+        parts.append([json.loads(line) for line in out.read_text().splitlines()])
+    assert parts[0] == records[0::2] and parts[1] == records[1::2]  # sampled answers too (temperature 1)
+
+
+@pytest.mark.parametrize("shard", ["2/2", "x", "1", "-1/2", "0/0"])
+def test_a_bad_shard_is_a_one_line_error(tmp_path, prompts, shard, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"), "--shard", shard])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --shard") and "\n" not in err
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_done_ids_reject_corrupt_middle_line(tmp_path):

@@ -7,7 +7,9 @@ float64; in float32 its kernels round differently in the last bits, see the READ
 decode together and a finished one leaves the batch at once, its place taken by the next prompt (continuous
 batching), so no pass is spent on answers that have ended. Prompts are admitted by length within windows of the
 selected order (less padding in a prefill; the messages' length in characters stands in for their tokens), and
-records are written in the selected order.
+records are written in the selected order. `shard` splits one run over several processes or machines: shard I of N
+answers every N-th selected prompt from the I-th on, into its own output, with the answers the whole run would give
+(`scripts/answers.py pack` merges the outputs).
 
 Resumable and deterministic: each prompt is sampled with its own generator, seeded from (seed, prompt id), so its
 answer does not depend on which prompts share its batch, and a run that was interrupted and resumed writes the
@@ -48,6 +50,7 @@ class DistillConfig:
     per_domain: int | None = None
     shuffle: bool = False
     balanced: bool = False
+    shard: tuple[int, int] | None = None  # (I, N): every N-th selected prompt from the I-th on
     seed: int = 0
     device: str | None = None
     dtype: str | None = None
@@ -63,12 +66,22 @@ class DistillStats:
     repaired_partial_line: bool = False
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` as (I, N) (distill checks 0 <= I < N); anything else is a UsageError."""
+    index, sep, count = text.partition("/")
+    if sep and index.strip().isdigit() and count.strip().isdigit():
+        return int(index), int(count)
+    raise UsageError(f"--shard must be I/N, e.g. 0/2 and 1/2 for two processes, got {text!r}")
+
+
 def select_prompts(records: Sequence[dict[str, Any]], *, per_domain: int | None = None, limit: int | None = None,
-                   shuffle: bool = False, balanced: bool = False, seed: int = 0) -> list[dict[str, Any]]:
+                   shuffle: bool = False, balanced: bool = False, seed: int = 0,
+                   shard: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     """Optionally a seeded sample of `per_domain` prompts from each domain (file order kept), optionally put in a
     seeded random order (`shuffle`: a run stopped early has answered a mix of all domains) or in a domain-balanced
     one (`balanced`: the domains take turns, each in its own seeded random order, so any prefix holds about as
-    many prompts of every domain that has any left), then the first `limit`."""
+    many prompts of every domain that has any left), then the first `limit`, then of those the `shard` (I, N): every
+    N-th from the I-th on."""
     chosen = list(records)
     if per_domain is not None:
         by_domain: dict[str, list[int]] = defaultdict(list)
@@ -93,6 +106,8 @@ def select_prompts(records: Sequence[dict[str, Any]], *, per_domain: int | None 
         chosen = take_turns(queues)
     if limit is not None:
         chosen = chosen[:limit]
+    if shard is not None:
+        chosen = chosen[shard[0]::shard[1]]
     return chosen
 
 
@@ -263,12 +278,14 @@ def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
         raise UsageError(f"--limit must be >= 0, got {cfg.limit}")
     if cfg.per_domain is not None and cfg.per_domain < 1:
         raise UsageError(f"--per-domain must be >= 1, got {cfg.per_domain}")
+    if cfg.shard is not None and not 0 <= cfg.shard[0] < cfg.shard[1]:
+        raise UsageError(f"--shard I/N needs 0 <= I < N, got {cfg.shard[0]}/{cfg.shard[1]}")
     check_sampling(cfg.temperature, cfg.top_p, seed=cfg.seed)
     device = resolve_device(cfg.device)
     parse_dtype(cfg.dtype)
     _check_out_path(Path(cfg.out), Path(cfg.prompts))
     selected = select_prompts(read_prompts(cfg.prompts), per_domain=cfg.per_domain, limit=cfg.limit,
-                              shuffle=cfg.shuffle, balanced=cfg.balanced, seed=cfg.seed)
+                              shuffle=cfg.shuffle, balanced=cfg.balanced, seed=cfg.seed, shard=cfg.shard)
     done, repaired = load_done_ids(cfg.out)
     stats = DistillStats(selected=len(selected), already_done=sum(r["id"] in done for r in selected),
                          repaired_partial_line=repaired)
