@@ -10,7 +10,8 @@ import torch
 
 from maskspec.cli import main
 from maskspec.train.data import DataError
-from maskspec.train.distill import DistillConfig, distill, load_done_ids, select_prompts
+from maskspec.train.distill import (ADMISSION_WINDOW, DistillConfig, admission_order, distill, load_done_ids,
+                                    select_prompts)
 
 from train_helpers import single_thread, tiny_chat_model_folder
 
@@ -130,6 +131,18 @@ def test_a_bad_shard_is_a_one_line_error(tmp_path, prompts, shard, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --shard") and "\n" not in err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_admission_is_by_length_within_windows_of_the_selected_order():
+    window = ADMISSION_WINDOW * 2
+    lengths = [(7 * i) % 23 for i in range(3 * window + 5)]  # three whole windows and a partial one
+    order = admission_order(lengths, batch_size=2)
+    assert sorted(order) == list(range(len(lengths)))
+    for start in range(0, len(lengths), window):
+        part = order[start:start + window]
+        assert sorted(part) == list(range(start, min(start + window, len(lengths))))  # the window's own prompts
+        assert [lengths[i] for i in part] == sorted(lengths[i] for i in part)  # shortest first
+        assert all(a < b for a, b in zip(part, part[1:]) if lengths[a] == lengths[b])  # stable
 
 
 def test_done_ids_reject_corrupt_middle_line(tmp_path):
