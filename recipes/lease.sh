@@ -94,8 +94,13 @@ curve() {  # RUN...: held-out accuracy against rows seen (curve.md, curve.json; 
 
 case "$LEASE_TASK" in
   campaign)
+    # Each lease draws its own data order: the seed is the rows the committed adapter has trained on (0 for one
+    # whose config does not record them), so a lease does not start again on the conversations the one before it
+    # began with. The held-out examples depend on the record ids only (split_eval), not on the seed.
+    seed=$($PY -c "import json, sys; t = json.load(open(sys.argv[1])).get('training', {}); \
+print(int(t.get('rows_seen_total') or 0) % 1000003)" "$COMMITTED/adapter_config.json" 2>/dev/null || echo 0)
     train adapter "$TRAIN_SECONDS" --init-adapter "$COMMITTED" --rank 16 --lr "${LR:-3e-4}" \
-      --attention "${ATTENTION:-sdpa}"
+      --attention "${ATTENTION:-sdpa}" --seed "${SEED:-$seed}"
     for name in committed new; do
       adapter=$COMMITTED; [ "$name" = new ] && adapter=$OUT/adapter
       log "acceptance of the $name adapter"

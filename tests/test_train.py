@@ -398,3 +398,23 @@ def test_time_limit_shortens_the_schedule_and_ends_cleanly(tmp_path):
     assert config["training"]["final_step"] == steps[-1]
     assert config["training"]["schedule_steps"] == steps[-1]
     assert [s for s, _ in list_checkpoints(out)][-1] == steps[-1]
+
+
+def test_the_held_out_split_follows_the_ids_and_never_takes_an_example_trained_on():
+    from maskspec.train.data import Example
+    from maskspec.train.evaluation import split_eval
+
+    def examples(ids):
+        return [Example(torch.tensor([i % 7, 1, 2]), torch.tensor([False, True, True]), f"r-{i}") for i in ids]
+
+    first_train, first_held = split_eval(examples(range(300)), 20)
+    assert len(first_held) == 20 and len(first_train) == 280
+    # The same data in another order holds out the same examples.
+    reordered = list(range(300))[::-1]
+    assert {e.id for e in split_eval(examples(reordered), 20)[1]} == {e.id for e in first_held}
+    # More of the same data, shuffled in: the held-out examples are still none the first run trained on.
+    grown = torch.randperm(1000, generator=torch.Generator().manual_seed(3)).tolist()
+    grown_train, grown_held = split_eval(examples(grown), 20)
+    assert len(grown_held) == 20 and not {e.id for e in grown_held} & {e.id for e in first_train}
+    assert {e.id for e in grown_held} != {e.id for e in first_held}  # the newcomers take their share
+    assert len(split_eval(examples(range(50)), 20)[1]) == 5  # never more than a tenth

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Sequence
 
 import torch
@@ -11,14 +12,21 @@ from maskspec.train.distributed import all_reduce_sum_
 from maskspec.train.losses import mask_accuracy
 
 
-def split_eval(examples: list[Example], eval_size: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out up to `eval_size` examples (never more than a tenth of the data) for evaluation."""
+def split_eval(examples: list[Example], eval_size: int) -> tuple[list[Example], list[Example]]:
+    """Hold out up to `eval_size` examples (never more than a tenth of the data) for evaluation: those whose ids
+    hash lowest. The choice depends on the ids alone, not on their order or the seed. A run on more of the same
+    data (an adapter going on training on more answers, `eval_size` examples held out both times) never holds out
+    an example the earlier run trained on: that one hashed above the earlier cut, and the cut only comes down."""
     size = min(eval_size, len(examples) // 10)
     if size <= 0:
         return examples, []
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 99991)).tolist()
-    held = set(order[:size])
+    rank = sorted(range(len(examples)), key=lambda i: (_id_hash(examples[i].id), i))
+    held = set(rank[:size])
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def _id_hash(example_id: str) -> bytes:
+    return hashlib.blake2b(example_id.encode("utf-8"), digest_size=8).digest()
 
 
 @torch.no_grad()

@@ -70,7 +70,7 @@ def train(cfg: TrainConfig, *, mtp=None, examples: Sequence[Example] | None = No
 
     if examples is None:
         examples = _load_examples(cfg, mtp.tokenizer, mtp.eos_token_ids)
-        train_examples, held_out = split_eval(list(examples), cfg.eval_size, cfg.seed)
+        train_examples, held_out = split_eval(list(examples), cfg.eval_size)
     else:
         train_examples, held_out = list(examples), []
     if eval_examples is not None:
