@@ -104,6 +104,29 @@ def tracked_size() -> int:
     return sum((ROOT / f.decode()).stat().st_size for f in files if f and (ROOT / f.decode()).is_file())
 
 
+CALL_LIMIT = 64 * 2**20  # what one call may carry: the tracked files and a part
+PART_MAX = 46 * 2**20
+PART_MIN = 8 * 2**20
+MARGIN = 2**20  # untracked files that travel too, and the tar's own overhead
+
+
+def part_size(tracked: int, requested_mb: float | None = None) -> int:
+    """Bytes per part: `requested_mb`, or else the most that fits beside `tracked` bytes of tracked files in one
+    call (with a margin), at most PART_MAX. The tracked files grow with every commit of answers and results, so a
+    fixed size stops fitting one day; a request that does not fit is refused."""
+    if requested_mb is not None:
+        room = int(requested_mb * 2**20)
+        if tracked + room > CALL_LIMIT:
+            raise SystemExit(f"error: the tracked files ({tracked / 2**20:.1f} MiB) and a part of {requested_mb} MiB "
+                             "exceed the 64 MiB a call may carry; pass a smaller --part-mb")
+        return room
+    room = min(PART_MAX, CALL_LIMIT - tracked - MARGIN)
+    if room < PART_MIN:
+        raise SystemExit(f"error: the tracked files take {tracked / 2**20:.1f} MiB of the 64 MiB a call may carry; "
+                         f"less than {PART_MIN // 2**20} MiB are left for a part")
+    return room
+
+
 def prepare(args: argparse.Namespace) -> None:
     stage = CARRY / "stage"
     if CARRY.exists():
@@ -122,10 +145,7 @@ def prepare(args: argparse.Namespace) -> None:
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         tar.add(stage, arcname=".")
     blob = buffer.getvalue()
-    room = int(args.part_mb * 2**20)
-    if tracked_size() + room > 64 * 2**20:
-        raise SystemExit(f"error: the tracked files ({tracked_size() / 2**20:.1f} MiB) and a part of "
-                         f"{args.part_mb} MiB exceed the 64 MiB a call may carry; pass a smaller --part-mb")
+    room = part_size(tracked_size(), args.part_mb)
     parts = [blob[i:i + room] for i in range(0, len(blob), room)]
     for i, part in enumerate(parts):
         (CARRY / f"part-{i:02d}").write_bytes(part)
@@ -154,7 +174,8 @@ def main() -> None:
                    help="greedy dev answers from `maskspec acceptance --answers FILE` (then tau needs no decoding)")
     a.add_argument("--python", nargs="+", default=["3.12"],
                    help="Python versions of the device (the H200 image: 3.12; this machine's is always added)")
-    a.add_argument("--part-mb", type=float, default=46.0, help="MiB per part (tracked files + part <= 64 MiB)")
+    a.add_argument("--part-mb", type=float, default=None,
+                   help="MiB per part (default: what fits beside the tracked files in a 64 MiB call, at most 46)")
     args = p.parse_args()
     for path in (args.answers, args.prompts, args.dev) + ((args.dev_answers,) if args.dev_answers else ()):
         if not path.is_file():

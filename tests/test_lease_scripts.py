@@ -38,3 +38,16 @@ def test_profile_step_summarises_both_steps(tmp_path, monkeypatch):
     for row in result["results"]:
         assert row["ms_per_step"] > 0 and row["top_host"] and all(ms >= 0 for _, _, ms in row["top_host"])
     assert "static" in (out / "profile.md").read_text()
+
+
+def test_lease_parts_fit_beside_the_tracked_files():
+    lease = load_script("lease")
+    mib = 2**20
+    assert lease.part_size(10 * mib) == 46 * mib  # room to spare: the usual size
+    grown = lease.part_size(19 * mib)  # answers and results committed since: a smaller part
+    assert grown < 46 * mib and 19 * mib + grown + lease.MARGIN <= 64 * mib
+    assert lease.part_size(19 * mib, 40) == 40 * mib  # asked for, and it fits
+    with pytest.raises(SystemExit, match="pass a smaller --part-mb"):
+        lease.part_size(19 * mib, 46)
+    with pytest.raises(SystemExit, match="less than 8 MiB"):
+        lease.part_size(60 * mib)
