@@ -10,7 +10,8 @@ import typer
 DISTILL_HELP = """Answer prompts with the base model and write chat records to train on (self-distillation).
 
 Resumable: re-running with the same --out skips prompts already answered (a partial last line from a killed \
-run is repaired). Deterministic for a given --seed. On a CPU with several cores, --shard 0/2 and --shard 1/2 with --threads 1 each, in two processes, answer faster than one process with two threads."""
+run is repaired). Deterministic for a given --seed. On a CPU with several cores, --shard 0/2 and --shard 1/2 \
+with --threads 1 each, in two processes, answer faster than one process with two threads."""
 
 TRAIN_HELP = """Train a mask-token adapter (mask embeddings, gated LoRA, sampler head) on chat records.
 
