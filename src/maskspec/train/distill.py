@@ -245,23 +245,23 @@ def admission_order(lengths: Sequence[int], batch_size: int) -> list[int]:
 
 
 class _InOrderWriter:
-    """Writes finished records in the selected order: one that finishes early waits for those before it."""
+    """Writes finished records in the selected order: one that finishes early waits for those before it. Counts
+    what it writes (`written`) and advances the progress bar, whichever call released the records."""
 
-    def __init__(self, f: Any, positions: Sequence[int]) -> None:
-        self.f, self.waiting, self.order, self.next = f, {}, list(positions), 0
+    def __init__(self, f: Any, positions: Sequence[int], bar: Any) -> None:
+        self.f, self.bar, self.waiting, self.order, self.next, self.written = f, bar, {}, list(positions), 0, 0
 
-    def add(self, position: int, line: str | None) -> int:
+    def add(self, position: int, line: str | None) -> None:
         """Queue the record at `position` (None: that prompt has none) and write what is now in order."""
         self.waiting[position] = line
-        written = 0
         while self.next < len(self.order) and self.order[self.next] in self.waiting:
             line = self.waiting.pop(self.order[self.next])
             if line is not None:
                 self.f.write(line)  # one write per whole record
                 self.f.flush()
-                written += 1
+                self.written += 1
+                self.bar.update(1)
             self.next += 1
-        return written
 
 
 def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
@@ -316,7 +316,7 @@ def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
                dynamic_ncols=True)
     try:
         with open(cfg.out, "a", encoding="utf-8") as f, decoder.session():
-            writer = _InOrderWriter(f, todo)
+            writer = _InOrderWriter(f, todo, bar)
             while queue or decoder.has_work():
                 while queue and decoder.active < cfg.batch_size:
                     i = queue.pop()
@@ -326,9 +326,7 @@ def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
                                     seed=_prompt_seed(cfg.seed, selected[i]["id"]), detokenize=False, tag=i)
                     except PromptTooLongError:  # longer than the model's context: no answer, the run goes on
                         stats.too_long += 1
-                        written = writer.add(i, None)  # records after it that had finished go out now
-                        stats.written += written
-                        bar.update(written)
+                        writer.add(i, None)  # records after it that had finished go out now
                 for event in decoder.step():
                     if not event.finished:
                         continue
@@ -338,10 +336,9 @@ def distill(cfg: DistillConfig, *, model=None, tokenizer=None) -> DistillStats:
                     tokens, hit_eos = cut_at_eos(seq.output, eos)
                     text = tokenizer.decode(tokens[:-1] if hit_eos else tokens, skip_special_tokens=True)
                     out = distill_record(record, text, settings, openai_finish_reason(seq.finish_reason), len(tokens))
-                    written = writer.add(seq.tag, json.dumps(out, ensure_ascii=False) + "\n")
-                    stats.written += written
-                    bar.update(written)
+                    writer.add(seq.tag, json.dumps(out, ensure_ascii=False) + "\n")
             os.fsync(f.fileno())
+            stats.written = writer.written
     finally:
         bar.close()
     return stats
